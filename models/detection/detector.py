@@ -1,0 +1,163 @@
+"""OnnxDetector: one onnxruntime session per detector model, batched letterbox preprocessing, and raw
+output decoded to candidates [B, N, 4 + C] (x0, y0, x1, y1 in original-image pixels, then class scores)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+LETTERBOX_FILL = 114  # grey border, as ultralytics pads
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Runtime options. Thread counts of 0 let onnxruntime choose."""
+
+    providers: tuple[str, ...] | None = None  # None: CUDA/TensorRT when available, else CPU
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    batch_size: int = 8  # images per session.run for dynamic-batch models
+    graph_optimization: str = "all"  # "disable" | "basic" | "extended" | "all"
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Per-image geometry of a letterboxed batch: scale [B] and padding [B, 2] (x, y) in input pixels."""
+
+    scale: np.ndarray
+    padding: np.ndarray
+
+
+_OPTIMIZATION_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def _default_providers() -> list[str]:
+    available = ort.get_available_providers()
+    preferred = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    return [provider for provider in preferred if provider in available] or ["CPUExecutionProvider"]
+
+
+def _read_metadata(session: ort.InferenceSession, path: Path) -> dict[str, str]:
+    metadata = dict(session.get_modelmeta().custom_metadata_map)
+    sidecar = path.with_suffix(".json")
+    if "names" not in metadata and sidecar.exists():
+        metadata.update(json.loads(sidecar.read_text()))
+    return metadata
+
+
+def letterbox_batch(images: list[Image.Image], height: int, width: int) -> tuple[np.ndarray, Letterbox]:
+    """RGB images of any sizes -> float32 [B, 3, height, width] in [0, 1], aspect kept, centred on grey.
+    Resizing is per image (sizes differ); placement, layout change and scaling are one array op each."""
+    sizes = np.array([image.size for image in images], dtype=np.float64)  # [B, 2] (w, h)
+    scale = np.minimum(width / sizes[:, 0], height / sizes[:, 1])
+    new_sizes = np.maximum(np.round(sizes * scale[:, None]).astype(np.int64), 1)
+    padding = np.stack([(width - new_sizes[:, 0]) // 2, (height - new_sizes[:, 1]) // 2], 1)
+    canvas = np.full((len(images), height, width, 3), LETTERBOX_FILL, dtype=np.uint8)
+    for index, image in enumerate(images):
+        new_w, new_h = new_sizes[index]
+        pad_x, pad_y = padding[index]
+        resized = image if image.size == (new_w, new_h) else image.resize((int(new_w), int(new_h)), Image.BILINEAR)
+        canvas[index, pad_y : pad_y + new_h, pad_x : pad_x + new_w] = np.asarray(resized)
+    batch = canvas.transpose(0, 3, 1, 2).astype(np.float32) * np.float32(1 / 255)
+    return np.ascontiguousarray(batch), Letterbox(scale=scale, padding=padding.astype(np.float64))
+
+
+class OnnxDetector:
+    """A YOLO-family detector exported to ONNX with raw outputs [B, 4 + C, N] (cx, cy, w, h, scores).
+
+    Class names, input size and version are read from the model's metadata (ultralytics keys
+    `names`, `imgsz`, plus our `model_version`), never passed in by callers.
+    """
+
+    def __init__(self, path: str | Path, config: DetectorConfig | None = None) -> None:
+        self.path = Path(path)
+        self.config = config or DetectorConfig()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.config.intra_op_threads
+        options.inter_op_num_threads = self.config.inter_op_threads
+        options.graph_optimization_level = _OPTIMIZATION_LEVELS[self.config.graph_optimization]
+        options.log_severity_level = 3
+        providers = list(self.config.providers) if self.config.providers else _default_providers()
+        self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+        self.providers = self.session.get_providers()
+        log.info("detector %s runs on %s", self.path.name, ", ".join(self.providers))
+
+        metadata = _read_metadata(self.session, self.path)
+        if "names" not in metadata:
+            raise ValueError(f"{self.path}: no class names in the model metadata (key 'names')")
+        names = ast.literal_eval(metadata["names"])  # model metadata, not request data; literals only
+        self.class_names: tuple[str, ...] = tuple(names[i] for i in sorted(names))
+        model_input = self.session.get_inputs()[0]
+        self.input_name = model_input.name
+        fixed_batch = model_input.shape[0]
+        self.fixed_batch: int | None = fixed_batch if isinstance(fixed_batch, int) else None
+        if "imgsz" in metadata:
+            size = ast.literal_eval(metadata["imgsz"])
+            self.input_size = (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (size, size)
+        else:
+            self.input_size = (int(model_input.shape[2]), int(model_input.shape[3]))
+        self.version = metadata.get("model_version") or f"{self.path.stem}@unversioned"
+        self.metadata = metadata
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "model": self.path.name,
+            "version": self.version,
+            "providers": self.providers,
+            "input_size": list(self.input_size),
+            "num_classes": self.num_classes,
+        }
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        """Run the session over a preprocessed batch, chunked to the model's fixed batch or configured size."""
+        step = self.fixed_batch or max(1, self.config.batch_size)
+        outputs = []
+        for start in range(0, batch.shape[0], step):
+            chunk = batch[start : start + step]
+            real = chunk.shape[0]
+            if self.fixed_batch and real < self.fixed_batch:
+                filler = np.zeros((self.fixed_batch - real, *chunk.shape[1:]), dtype=chunk.dtype)
+                chunk = np.concatenate([chunk, filler])
+            outputs.append(self.session.run(None, {self.input_name: chunk})[0][:real])
+        return np.concatenate(outputs)
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """Preprocessed [B, 3, H, W] float32 -> raw model output [B, 4 + C, N]."""
+        return self._run(batch)
+
+    def decode(self, raw: np.ndarray, geometry: Letterbox, image_sizes: np.ndarray) -> torch.Tensor:
+        """Raw [B, 4 + C, N] -> candidates [B, N, 4 + C], boxes x0y0x1y1 in original pixels, clipped."""
+        output = torch.from_numpy(np.ascontiguousarray(raw)).transpose(1, 2)  # [B, N, 4 + C]
+        center, half = output[..., 0:2], output[..., 2:4] / 2
+        padding = torch.from_numpy(geometry.padding).to(output.dtype)[:, None, :]
+        scale = torch.from_numpy(geometry.scale).to(output.dtype)[:, None, None]
+        limits = torch.from_numpy(image_sizes).to(output.dtype)[:, None, :]  # [B, 1, 2] (w, h)
+        top_left = ((center - half - padding) / scale).clamp(min=0).minimum(limits)
+        bottom_right = ((center + half - padding) / scale).clamp(min=0).minimum(limits)
+        return torch.cat([top_left, bottom_right, output[..., 4:]], -1).contiguous()
+
+    def __call__(self, images: list[Image.Image]) -> torch.Tensor:
+        """RGB PIL images -> candidates [B, N, 4 + C] (see decode)."""
+        height, width = self.input_size
+        batch, geometry = letterbox_batch(images, height, width)
+        sizes = np.array([image.size for image in images], dtype=np.float64)
+        return self.decode(self.forward(batch), geometry, sizes)

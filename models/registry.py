@@ -1,0 +1,53 @@
+"""Reward registry: each reward class registers under a name; create_reward builds it from config.
+Modelled on timm's registry: listing what exists and building one by name are one call each."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from .types import RewardOutput, Sample
+
+
+class Reward(Protocol):
+    name: str
+    version: str
+
+    def score(self, samples: list[Sample]) -> list[RewardOutput]: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+_REGISTRY: dict[str, Callable[..., Reward]] = {}
+
+
+def register_reward(name: str) -> Callable[[Callable[..., Reward]], Callable[..., Reward]]:
+    """Class/factory decorator: make `name` buildable through create_reward."""
+
+    def decorate(factory: Callable[..., Reward]) -> Callable[..., Reward]:
+        if name in _REGISTRY:
+            raise ValueError(f"reward {name!r} is registered twice")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorate
+
+
+def _load_builtin_rewards() -> None:
+    # Importing the modules runs their @register_reward decorators.
+    from .detection import matching  # noqa: F401
+
+
+def list_rewards() -> list[str]:
+    _load_builtin_rewards()
+    return sorted(_REGISTRY)
+
+
+def create_reward(name: str, **config: Any) -> Reward:
+    """Build the reward registered as `name` with its config (defaults run offline)."""
+    _load_builtin_rewards()
+    try:
+        factory = _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown reward {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
+    return factory(**config)

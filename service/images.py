@@ -1,0 +1,124 @@
+"""The one image decoder: bytes, paths, PIL images and uint8 arrays -> RGB PIL image.
+Enforces size, pixel and format limits before pixels are decoded, applies EXIF orientation."""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+
+
+class ImageError(ValueError):
+    """A per-item image problem. `code` is stable and machine-readable; the message is for people."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = 32 * 1024 * 1024
+    # 20000 x 20000 is 400 MP: far beyond any generator's output, and a decompression-bomb shape.
+    max_pixels: int = 40_000_000
+    min_side: int = 8
+    formats: tuple[str, ...] = ALLOWED_FORMATS
+
+
+DEFAULT_LIMITS = ImageLimits()
+
+
+def _check_shape(width: int, height: int, limits: ImageLimits) -> None:
+    if width * height > limits.max_pixels:
+        raise ImageError(
+            "too_many_pixels",
+            f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}",
+        )
+    if min(width, height) < limits.min_side:
+        raise ImageError("too_small", f"image is {width}x{height}; each side must be >= {limits.min_side} px")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. Alpha is composited on white; 16-bit and float are rescaled, not clipped."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+        if image.mode.startswith("I;16"):
+            low, high = 0.0, 65535.0
+        scaled = np.zeros_like(values) if high <= low else (values - low) / (high - low) * 255.0
+        return Image.fromarray(np.clip(scaled + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_bytes(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+    """Encoded image bytes -> RGB PIL image, checking byte size, format and pixel count before decoding."""
+    if len(data) > limits.max_bytes:
+        raise ImageError("too_many_bytes", f"image is {len(data)} bytes; the limit is {limits.max_bytes}")
+    if not data:
+        raise ImageError("empty", "image data is empty")
+    try:
+        # formats= stops PIL from trying every plugin it has (some parse untrusted data poorly).
+        image = Image.open(io.BytesIO(data), formats=list(limits.formats))
+    except UnidentifiedImageError:
+        raise ImageError(
+            "unsupported_format", f"not a readable image in an allowed format ({', '.join(limits.formats)})"
+        ) from None
+    except Exception as exc:  # truncated headers and the like
+        raise ImageError("decode_failed", f"cannot read image header: {exc}") from None
+    _check_shape(*image.size, limits)
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    except Exception as exc:
+        raise ImageError("decode_failed", f"cannot decode image ({image.format}): {exc}") from None
+    return _to_rgb(image)
+
+
+def decode_array(array: np.ndarray, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+    """uint8 (or uint16) array, HW or HWC with 1, 3 or 4 channels -> RGB PIL image."""
+    if not isinstance(array, np.ndarray):
+        raise ImageError("bad_array", f"expected a numpy array, got {type(array).__name__}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise ImageError("bad_array", f"array shape {array.shape} is not HW or HWC with C in (1, 3, 4)")
+    _check_shape(array.shape[1], array.shape[0], limits)
+    if array.dtype == np.uint16:
+        array = (array >> 8).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise ImageError("bad_array", f"array dtype {array.dtype} is not uint8 (or uint16)")
+    return _to_rgb(Image.fromarray(np.ascontiguousarray(array)))
+
+
+def load_image(source: Any, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+    """Decode one image given as a PIL image, a numpy array, encoded bytes or a local file path."""
+    if isinstance(source, Image.Image):
+        _check_shape(*source.size, limits)
+        return _to_rgb(ImageOps.exif_transpose(source))
+    if isinstance(source, np.ndarray):
+        return decode_array(source, limits)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return decode_bytes(bytes(source), limits)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise ImageError("not_found", f"no image file at {str(path)!r}")
+        if path.stat().st_size > limits.max_bytes:
+            raise ImageError(
+                "too_many_bytes", f"{path.name} is {path.stat().st_size} bytes; the limit is {limits.max_bytes}"
+            )
+        return decode_bytes(path.read_bytes(), limits)
+    raise ImageError("bad_type", f"cannot read an image from a {type(source).__name__}")
