@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,15 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _pil_open():
+    """PIL's own Image.open. Importing ultralytics replaces it with a wrapper that, on an unidentified file,
+    tries to install and register a HEIF plugin: a wider decoder surface and a network attempt we refuse."""
+    opener = Image.open
+    if getattr(opener, "__module__", "") == "ultralytics.utils.patches":
+        opener = sys.modules["ultralytics.utils.patches"]._image_open
+    return opener
+
+
 def decode_bytes(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
     """Encoded image bytes -> RGB PIL image, checking byte size, format and pixel count before decoding."""
     if len(data) > limits.max_bytes:
@@ -71,7 +81,9 @@ def decode_bytes(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Ima
         raise ImageError("empty", "image data is empty")
     try:
         # formats= stops PIL from trying every plugin it has (some parse untrusted data poorly).
-        image = Image.open(io.BytesIO(data), formats=list(limits.formats))
+        image = _pil_open()(io.BytesIO(data), formats=list(limits.formats))
+    except Image.DecompressionBombError as exc:
+        raise ImageError("too_many_pixels", f"image exceeds the pixel limit of {limits.max_pixels}: {exc}") from None
     except UnidentifiedImageError:
         raise ImageError(
             "unsupported_format", f"not a readable image in an allowed format ({', '.join(limits.formats)})"

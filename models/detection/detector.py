@@ -47,6 +47,9 @@ _OPTIMIZATION_LEVELS = {
 
 
 def _default_providers() -> list[str]:
+    # onnxruntime-gpu lists CUDA/TensorRT even on machines without a GPU, then fails noisily loading them.
+    if not torch.cuda.is_available():
+        return ["CPUExecutionProvider"]
     available = ort.get_available_providers()
     preferred = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     return [provider for provider in preferred if provider in available] or ["CPUExecutionProvider"]

@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
@@ -140,9 +141,17 @@ def embedded_detector_path(directory: Path | None = None) -> Path:
     return export_darknet(cfg_path, weights_path, names, target, version=f"{EMBEDDED_NAME}-darknet@{weights_hash}")
 
 
-def export_ultralytics(model: str, output: str | Path | None = None, imgsz: int = 640, batch: int = 1) -> Path:
+def export_ultralytics(
+    model: str,
+    output: str | Path | None = None,
+    imgsz: int = 640,
+    batch: int = 1,
+    names: Sequence[str] | None = None,
+) -> Path:
     """Export an ultralytics model (hub name like yolo11n.pt, a local .pt, or a .yaml for random init) to ONNX
-    with a fixed batch and raw (pre-NMS) outputs; our kernels do the NMS. Returns the .onnx path."""
+    with a fixed batch and raw (pre-NMS) outputs; our kernels do the NMS. Returns the .onnx path.
+
+    names: class names to record instead of the model's own (a .yaml model only knows "0", "1", ...)."""
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_AUTOINSTALL", "false")
     os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="rewardscope-yolo-"))
@@ -158,8 +167,12 @@ def export_ultralytics(model: str, output: str | Path | None = None, imgsz: int 
         else:
             local = Path(model)  # a hub name or a packaged .yaml ultralytics resolves itself
             weights_version = "random-init" if model.endswith(".yaml") else "hub"
+        network = YOLO(str(local))
+        model_names = network.names
+        if names is not None and len(names) != len(model_names):
+            raise ValueError(f"{model} has {len(model_names)} classes but {len(names)} names were given")
         exported = Path(
-            YOLO(str(local)).export(format="onnx", imgsz=imgsz, batch=batch, dynamic=False, nms=False, simplify=False)
+            network.export(format="onnx", imgsz=imgsz, batch=batch, dynamic=False, nms=False, simplify=False)
         )
         if weights_version == "hub":
             weights_version = file_sha256(exported)[:16]
@@ -168,7 +181,11 @@ def export_ultralytics(model: str, output: str | Path | None = None, imgsz: int 
         shutil.copy(exported, built)
         write_metadata(
             built,
-            {"output_format": "cxcywh+scores", "model_version": f"{source.stem}@{weights_version}"},
+            {
+                "output_format": "cxcywh+scores",
+                "model_version": f"{source.stem}@{weights_version}",
+                **({"names": repr(dict(enumerate(names)))} if names is not None else {}),
+            },
         )
         _atomic_place(built, target)
     return target

@@ -1,0 +1,1 @@
+"""Detection matching: prompt parsing, ONNX detector runtime, export and the matching score."""

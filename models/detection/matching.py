@@ -1,0 +1,277 @@
+"""Detection matching rewards: the seed matching score (arXiv 2412.00122), GenEval's strict check and
+T2I-CompBench's numeracy score, all computed from one batched detector pass and one box_match call."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import kernels
+
+from ..registry import register_reward
+from ..types import RewardOutput, Sample
+from .detector import DetectorConfig, OnnxDetector
+from .prompt import ParsedPrompt, from_geneval_metadata, parse_prompt
+
+VARIANTS = ("seed", "geneval", "numeracy")
+# GenEval: an offset counts as a relation only beyond this fraction of the two boxes' summed extent.
+GENEVAL_POSITION_THRESHOLD = 0.1
+
+
+def seed_score(
+    counts: torch.Tensor, confidence_mean: torch.Tensor, requested: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The seed matching score for [B, K] slots (mask marks real prompt objects).
+
+    q_i = min(d_i, n_i) / max(d_i, n_i) (0 when d_i = 0); c_i = mean detection score (0 when none);
+    C, Q = means over objects; score = 2CQ / (C + Q), 0 when both are 0.
+    Returns score [B], C [B], Q [B], quantity confidence per slot [B, K].
+    """
+    detected, wanted = counts.to(confidence_mean.dtype), requested.to(confidence_mean.dtype)
+    quantity = torch.minimum(detected, wanted) / torch.maximum(detected, wanted).clamp(min=1)
+    weights = mask.to(confidence_mean.dtype)
+    objects = weights.sum(-1).clamp(min=1)
+    category_mean = (confidence_mean * weights).sum(-1) / objects
+    quantity_mean = (quantity * weights).sum(-1) / objects
+    total = category_mean + quantity_mean
+    score = torch.where(total > 0, 2 * category_mean * quantity_mean / total.clamp(min=1e-12), torch.zeros_like(total))
+    return score, category_mean, quantity_mean, quantity * weights
+
+
+def numeracy_score(counts: torch.Tensor, requested: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """T2I-CompBench numeracy: mean over objects of 0.5 * [present] + 0.5 * [exact count]. [B, K] -> [B]."""
+    weights = mask.to(torch.float64)
+    per_object = 0.5 * (counts > 0).double() + 0.5 * (counts == requested).double()
+    return (per_object * weights).sum(-1) / weights.sum(-1).clamp(min=1)
+
+
+def relative_position(box_a: np.ndarray, box_b: np.ndarray) -> set[str]:
+    """GenEval's relations of box A to box B ([4] x0y0x1y1): offsets of centres beyond a margin."""
+    boxes = np.stack([box_a, box_b]).reshape(2, 2, 2)
+    center_a, center_b = boxes.mean(axis=1)
+    dim_a, dim_b = np.abs(boxes[:, 1] - boxes[:, 0])
+    offset = center_a - center_b
+    revised = np.maximum(np.abs(offset) - GENEVAL_POSITION_THRESHOLD * (dim_a + dim_b), 0) * np.sign(offset)
+    if np.all(np.abs(revised) < 1e-3):
+        return set()
+    dx, dy = revised / np.linalg.norm(offset)
+    relations = set()
+    if dx < -0.5:
+        relations.add("left of")
+    if dx > 0.5:
+        relations.add("right of")
+    if dy < -0.5:
+        relations.add("above")
+    if dy > 0.5:
+        relations.add("below")
+    return relations
+
+
+def geneval_check(parsed: ParsedPrompt, detections: dict[str, list[np.ndarray]]) -> tuple[bool, list[str]]:
+    """GenEval's strict verdict: every include present with count >= n (positions checked between the top-n
+    boxes of each group), every exclude with count < its count. detections: class -> boxes by score."""
+    reasons: list[str] = []
+    matched_groups: list[list[np.ndarray] | None] = []
+    for spec in parsed.objects:
+        found = detections.get(spec.class_name, [])[: spec.count]
+        matched = len(found) >= spec.count
+        if not matched:
+            reasons.append(f"expected {spec.class_name}>={spec.count}, found {len(found)}")
+        elif spec.relation is not None and spec.relation.relation != "next to":
+            targets = matched_groups[spec.relation.target] if spec.relation.target < len(matched_groups) else None
+            if targets is None:
+                matched = False
+                reasons.append(f"no target for {spec.class_name} to be {spec.relation.relation}")
+            else:
+                for box in found:
+                    if any(spec.relation.relation not in relative_position(box, target) for target in targets):
+                        matched = False
+                        reasons.append(f"expected {spec.class_name} {spec.relation.relation} target")
+                        break
+        matched_groups.append(found if matched else None)
+    for spec in parsed.exclude:
+        if len(detections.get(spec.class_name, [])) >= spec.count:
+            reasons.append(f"expected {spec.class_name}<{spec.count}, found {len(detections[spec.class_name])}")
+    return not reasons, reasons
+
+
+@functools.lru_cache(maxsize=8)
+def load_detector(path: str | None, config: DetectorConfig) -> OnnxDetector:
+    """One session per (model, runtime config) per process, shared by every reward that uses it."""
+    from .export import embedded_detector_path
+
+    return OnnxDetector(Path(path) if path else embedded_detector_path(), config)
+
+
+@dataclass
+class _Plan:
+    """A sample's prompt turned into detector slots: objects first, then GenEval excludes."""
+
+    parsed: ParsedPrompt
+    class_ids: list[int]
+    requested: list[int]
+
+
+class MatchingReward:
+    """Detection matching score. Higher is better; all variants lie in [0, 1]."""
+
+    name = "matching"
+
+    def __init__(
+        self,
+        variant: str = "seed",
+        detector: str | None = None,
+        conf_threshold: float = 0.25,
+        iou_threshold: float = 0.45,
+        max_detections: int = 100,
+        batch_size: int = 8,
+        providers: tuple[str, ...] | None = None,
+        intra_op_threads: int = 0,
+    ) -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown matching variant {variant!r}; choose from {', '.join(VARIANTS)}")
+        if not 0 <= conf_threshold < 1 or not 0 < iou_threshold <= 1:
+            raise ValueError("conf_threshold must be in [0, 1) and iou_threshold in (0, 1]")
+        self.variant = variant
+        self.conf_threshold, self.iou_threshold = conf_threshold, iou_threshold
+        self.max_detections, self.batch_size = max_detections, max(1, batch_size)
+        config = DetectorConfig(
+            providers=tuple(providers) if providers else None, intra_op_threads=intra_op_threads, batch_size=batch_size
+        )
+        self.detector = load_detector(str(detector) if detector else None, config)
+        self.vocabulary = self.detector.class_names
+        self.class_index = {name: index for index, name in enumerate(self.vocabulary)}
+        self.version = self.detector.version
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "variant": self.variant,
+            "version": self.version,
+            "detector": self.detector.describe(),
+            "params": {
+                "conf_threshold": self.conf_threshold,
+                "iou_threshold": self.iou_threshold,
+                "max_detections": self.max_detections,
+            },
+            "range": [0.0, 1.0],
+            "direction": "higher is better",
+            "scale": "probability-like" if self.variant == "seed" else "fraction of checks passed",
+        }
+
+    def _plan(self, sample: Sample) -> _Plan:
+        metadata = sample.metadata or {}
+        if "include" in metadata:
+            parsed = from_geneval_metadata(metadata, self.vocabulary)
+        else:
+            parsed = parse_prompt(sample.prompt, self.vocabulary)
+        if not parsed.objects:
+            unknown = f" (nouns it cannot see: {', '.join(parsed.unknown)})" if parsed.unknown else ""
+            raise ValueError(f"prompt names no object the detector knows{unknown}")
+        if self.variant == "geneval" and any(spec.color for spec in parsed.objects):
+            raise ValueError("colour attributes need a CLIP colour classifier; none is configured")
+        slots = list(parsed.objects) + (list(parsed.exclude) if self.variant == "geneval" else [])
+        return _Plan(parsed, [self.class_index[s.class_name] for s in slots], [s.count for s in slots])
+
+    def score(self, samples: list[Sample]) -> list[RewardOutput | None]:
+        outputs: list[RewardOutput | None] = [None] * len(samples)
+        plans: dict[int, _Plan] = {}
+        for index, sample in enumerate(samples):
+            try:
+                plans[index] = self._plan(sample)
+            except ValueError as exc:
+                outputs[index] = RewardOutput(None, {"variant": self.variant}, str(exc))
+        ready = sorted(plans)
+        for start in range(0, len(ready), self.batch_size):
+            chunk = ready[start : start + self.batch_size]
+            for index, output in zip(chunk, self._score_batch([samples[i] for i in chunk], [plans[i] for i in chunk])):
+                outputs[index] = output
+        return outputs
+
+    def _score_batch(self, samples: list[Sample], plans: list[_Plan]) -> list[RewardOutput]:
+        candidates = self.detector([sample.image for sample in samples])
+        width = max(len(plan.class_ids) for plan in plans)
+        class_ids = torch.full((len(plans), width), -1, dtype=torch.int64)
+        requested = torch.zeros((len(plans), width), dtype=torch.int64)
+        for row, plan in enumerate(plans):
+            class_ids[row, : len(plan.class_ids)] = torch.tensor(plan.class_ids)
+            requested[row, : len(plan.requested)] = torch.tensor(plan.requested)
+        match = kernels.box_match(
+            candidates, class_ids, requested, self.conf_threshold, self.iou_threshold, self.max_detections
+        )
+        object_mask = torch.zeros_like(class_ids, dtype=torch.bool)
+        for row, plan in enumerate(plans):
+            object_mask[row, : len(plan.parsed.objects)] = True
+        seed, category, quantity, per_quantity = seed_score(match.counts, match.confidence_mean, requested, object_mask)
+        numeracy = numeracy_score(match.counts, requested, object_mask)
+        return [
+            self._result(row, plan, match, seed, category, quantity, per_quantity, numeracy)
+            for row, plan in enumerate(plans)
+        ]
+
+    def _result(self, row, plan, match, seed, category, quantity, per_quantity, numeracy) -> RewardOutput:
+        kept = int(match.num_kept[row])
+        boxes = match.keep_boxes[row, :kept].tolist()
+        scores = match.keep_scores[row, :kept].tolist()
+        classes = [self.vocabulary[c] for c in match.keep_classes[row, :kept].tolist()]
+        objects = [
+            {
+                "class": spec.class_name,
+                "requested": spec.count,
+                "detected": int(match.counts[row, slot]),
+                "category_confidence": float(match.confidence_mean[row, slot]),
+                "quantity_confidence": float(per_quantity[row, slot]),
+                **({"color": spec.color} if spec.color else {}),
+                **({"relation": [spec.relation.relation, spec.relation.target]} if spec.relation else {}),
+            }
+            for slot, spec in enumerate(plan.parsed.objects)
+        ]
+        details: dict[str, Any] = {
+            "variant": self.variant,
+            "category_confidence": float(category[row]),
+            "quantity_confidence": float(quantity[row]),
+            "objects": objects,
+            "unknown": list(plan.parsed.unknown),
+            "detections": [
+                {"class": name, "score": round(score, 4), "box": [round(v, 1) for v in box]}
+                for name, score, box in zip(classes, scores, boxes, strict=True)
+            ],
+            "thresholds": {"confidence": self.conf_threshold, "iou": self.iou_threshold},
+            "detector": {"model": self.detector.path.name, "version": self.version},
+        }
+        if self.variant == "seed":
+            value = float(seed[row])
+        elif self.variant == "numeracy":
+            value = float(numeracy[row])
+        else:
+            by_class: dict[str, list[np.ndarray]] = {}
+            for name, box in zip(classes, boxes, strict=True):
+                by_class.setdefault(name, []).append(np.asarray(box))
+            passed, reasons = geneval_check(plan.parsed, by_class)
+            value = float(passed)
+            details["reasons"] = reasons
+        details["score"] = value
+        return RewardOutput(value, details)
+
+
+@register_reward("matching")
+def matching(**config: Any) -> MatchingReward:
+    """Seed matching score by default; `variant` picks geneval or numeracy."""
+    return MatchingReward(**config)
+
+
+@register_reward("geneval")
+def geneval(**config: Any) -> MatchingReward:
+    config.setdefault("variant", "geneval")
+    return MatchingReward(**config)
+
+
+@register_reward("numeracy")
+def numeracy(**config: Any) -> MatchingReward:
+    config.setdefault("variant", "numeracy")
+    return MatchingReward(**config)

@@ -1,0 +1,113 @@
+"""Scorer: the one entry point the service, the CLI and the Python API call.
+Decodes images once, runs each requested reward over the batch and combines them with weights."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from service.images import DEFAULT_LIMITS, ImageError, ImageLimits, load_image
+
+from .registry import Reward, create_reward
+from .types import RewardOutput, Sample, ScoreResult
+
+log = logging.getLogger(__name__)
+
+MAX_PROMPT_CHARS = 2000
+
+
+class Scorer:
+    """Score (image, prompt) pairs with a set of rewards.
+
+    rewards: names (weight 1 each) or {name: weight}; config: {name: keyword arguments of that reward}.
+    Models load once, here. score() never raises for one bad item: that item gets an error instead.
+    """
+
+    def __init__(
+        self,
+        rewards: Sequence[str] | Mapping[str, float] = ("matching",),
+        config: Mapping[str, Mapping[str, Any]] | None = None,
+        image_limits: ImageLimits = DEFAULT_LIMITS,
+    ) -> None:
+        if isinstance(rewards, str):
+            rewards = [rewards]
+        self.weights = dict(rewards) if isinstance(rewards, Mapping) else {name: 1.0 for name in rewards}
+        if not self.weights:
+            raise ValueError("a Scorer needs at least one reward")
+        config = config or {}
+        self.rewards: dict[str, Reward] = {
+            name: create_reward(name, **dict(config.get(name, {}))) for name in self.weights
+        }
+        self.image_limits = image_limits
+
+    def describe(self) -> dict[str, Any]:
+        return {name: {**reward.describe(), "weight": self.weights[name]} for name, reward in self.rewards.items()}
+
+    def versions(self) -> dict[str, str]:
+        return {name: reward.version for name, reward in self.rewards.items()}
+
+    def _decode(self, image: Any, prompt: Any, metadata: Any) -> Sample:
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise ValueError(f"metadata must be a mapping, got {type(metadata).__name__}")
+        return Sample(load_image(image, self.image_limits), prompt, dict(metadata) if metadata else None)
+
+    def _run_reward(self, name: str, reward: Reward, samples: list[Sample]) -> list[RewardOutput]:
+        """Score a batch; if the batch as a whole fails, score item by item so one bad item fails alone."""
+        try:
+            return reward.score(samples)
+        except Exception:
+            log.exception("reward %s failed on a batch of %d; retrying item by item", name, len(samples))
+        outputs = []
+        for sample in samples:
+            try:
+                outputs.extend(reward.score([sample]))
+            except Exception as exc:
+                outputs.append(RewardOutput(None, {}, f"{type(exc).__name__}: {exc}"))
+        return outputs
+
+    def score(
+        self,
+        images: Sequence[Any],
+        prompts: Sequence[str],
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> list[ScoreResult]:
+        """images: PIL images, uint8 HWC arrays, encoded bytes or file paths; one prompt (and metadata) each.
+        Returns one ScoreResult per item, in order."""
+        if len(images) != len(prompts) or (metadata is not None and len(metadata) != len(images)):
+            raise ValueError(
+                f"got {len(images)} images, {len(prompts)} prompts"
+                + ("" if metadata is None else f" and {len(metadata)} metadata entries")
+            )
+        metadata = metadata if metadata is not None else [None] * len(images)
+        results = [ScoreResult(rewards={name: None for name in self.weights}) for _ in images]
+        samples: list[Sample] = []
+        positions: list[int] = []
+        for index, (image, prompt, meta) in enumerate(zip(images, prompts, metadata, strict=True)):
+            try:
+                samples.append(self._decode(image, prompt, meta))
+                positions.append(index)
+            except ImageError as exc:
+                results[index].error = f"image ({exc.code}): {exc}"
+            except ValueError as exc:
+                results[index].error = str(exc)
+
+        for name, reward in self.rewards.items():
+            if not samples:
+                break
+            for position, output in zip(positions, self._run_reward(name, reward, samples), strict=True):
+                result = results[position]
+                result.rewards[name] = output.value
+                result.details[name] = {**output.details, "version": reward.version}
+                if output.error:
+                    message = f"{name}: {output.error}"
+                    result.error = message if result.error is None else f"{result.error}; {message}"
+        for result in results:
+            values = result.rewards.values()
+            if all(value is not None for value in values):
+                result.total = sum(self.weights[name] * value for name, value in result.rewards.items())
+        return results

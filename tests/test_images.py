@@ -1,0 +1,129 @@
+"""The one image decoder: odd but valid images are converted, hostile or broken ones rejected with a code."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.images import ImageError, ImageLimits, decode_array, decode_bytes, load_image
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def exif_rotated_jpeg() -> bytes:
+    """A 40x20 image whose EXIF says 'rotate 90': decoded, it must be 20x40."""
+    image = Image.new("RGB", (40, 20), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW
+    return encode(image, "JPEG", exif=exif.tobytes())
+
+
+@pytest.mark.parametrize(
+    "data, size",
+    [
+        (encode(Image.new("L", (32, 24), 128)), (32, 24)),
+        (encode(Image.new("RGBA", (32, 24), (0, 0, 0, 0))), (32, 24)),
+        (encode(Image.new("P", (30, 30))), (30, 30)),
+        (encode(Image.new("I;16", (16, 16), 40000)), (16, 16)),
+        (encode(Image.new("RGB", (64, 48)), "JPEG"), (64, 48)),
+        (encode(Image.new("RGB", (64, 48)), "WEBP"), (64, 48)),
+        (encode(Image.new("CMYK", (20, 20)), "JPEG"), (20, 20)),
+        (exif_rotated_jpeg(), (20, 40)),
+    ],
+    ids=["grayscale", "rgba", "palette", "16-bit", "jpeg", "webp", "cmyk", "exif-rotated"],
+)
+def test_valid_images_decode_to_rgb_of_the_right_size(data, size):
+    image = decode_bytes(data)
+    assert image.mode == "RGB"
+    assert image.size == size
+
+
+def test_transparent_pixels_become_white_not_black():
+    image = decode_bytes(encode(Image.new("RGBA", (10, 10), (0, 0, 0, 0))))
+    assert image.getpixel((5, 5)) == (255, 255, 255)
+
+
+def test_sixteen_bit_values_are_rescaled_not_clipped():
+    image = decode_bytes(encode(Image.new("I;16", (16, 16), 32768)))
+    assert image.getpixel((0, 0)) == (128, 128, 128)
+
+
+def huge_png() -> bytes:
+    # 20000 x 20000 at 1 bit per pixel: a few KB on disk, 400 MP once decoded as RGB.
+    return encode(Image.new("1", (20000, 20000)))
+
+
+@pytest.mark.parametrize(
+    "data, code",
+    [
+        (b"", "empty"),
+        (b"definitely not an image", "unsupported_format"),
+        (encode(Image.new("RGB", (64, 64)), "JPEG")[:200], "decode_failed"),
+        (encode(Image.new("RGB", (1, 1))), "too_small"),
+        (encode(Image.new("RGB", (32, 32)), "ICO"), "unsupported_format"),
+    ],
+    ids=["empty", "garbage", "truncated-jpeg", "1x1", "ico-not-allowed"],
+)
+def test_broken_or_disallowed_images_are_rejected_with_a_code(data, code):
+    with pytest.raises(ImageError) as error:
+        decode_bytes(data)
+    assert error.value.code == code
+
+
+def test_decompression_bomb_is_rejected_before_decoding():
+    with pytest.raises(ImageError) as error:
+        decode_bytes(huge_png())
+    assert error.value.code == "too_many_pixels"
+    assert "400000000" in str(error.value)
+
+
+def test_byte_limit_applies_before_parsing():
+    with pytest.raises(ImageError) as error:
+        decode_bytes(encode(Image.new("RGB", (64, 64))), ImageLimits(max_bytes=10))
+    assert error.value.code == "too_many_bytes"
+
+
+@pytest.mark.parametrize(
+    "array, size",
+    [
+        (np.zeros((24, 32, 3), np.uint8), (32, 24)),
+        (np.zeros((24, 32), np.uint8), (32, 24)),
+        (np.zeros((24, 32, 1), np.uint8), (32, 24)),
+        (np.zeros((24, 32, 4), np.uint8), (32, 24)),
+        (np.full((24, 32, 3), 65535, np.uint16), (32, 24)),
+    ],
+)
+def test_arrays_in_hw_or_hwc_decode(array, size):
+    assert decode_array(array).size == size
+
+
+@pytest.mark.parametrize(
+    "array",
+    [np.zeros((24, 32, 3), np.float32), np.zeros((3, 24, 32, 3), np.uint8), np.zeros((24, 32, 2), np.uint8)],
+    ids=["float", "4-d", "two-channels"],
+)
+def test_ambiguous_arrays_are_rejected(array):
+    with pytest.raises(ImageError) as error:
+        decode_array(array)
+    assert error.value.code == "bad_array"
+
+
+def test_paths_and_pil_images_go_through_the_same_checks(tmp_path):
+    path = tmp_path / "tiny.png"
+    Image.new("RGB", (2, 2)).save(path)
+    for source in (path, str(path), Image.new("RGB", (2, 2))):
+        with pytest.raises(ImageError):
+            load_image(source)
+    with pytest.raises(ImageError) as error:
+        load_image(tmp_path / "missing.png")
+    assert error.value.code == "not_found"
+    with pytest.raises(ImageError) as error:
+        load_image(12345)
+    assert error.value.code == "bad_type"
