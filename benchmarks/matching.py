@@ -92,7 +92,9 @@ def main() -> None:
     detector = OnnxDetector(embedded_detector_path(), DetectorConfig(intra_op_threads=args.threads, batch_size=32))
     images = photos()
     height, width = detector.input_size
-    print(f"machine: {platform.machine()} {os.cpu_count()} cores, {platform.python_version()}, torch {torch.__version__}")
+    print(
+        f"machine: {platform.machine()} {os.cpu_count()} cores, {platform.python_version()}, torch {torch.__version__}"
+    )
     print(f"detector: {detector.version} on {detector.providers[0]}, input {height}x{width}, {len(images)} photos")
 
     rows = []

@@ -35,7 +35,11 @@ class BoxMatch(NamedTuple):
 
 
 def select_candidates(
-    candidates: torch.Tensor, conf_threshold: float, iou_threshold: float, max_detections: int, pre_nms_topk: int
+    candidates: torch.Tensor,
+    conf_threshold: float,
+    iou_threshold: float,
+    max_detections: int,
+    pre_nms_topk: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Confidence filter, best class, top-k pre-selection and class-aware NMS over a whole batch at once.
 
@@ -135,7 +139,9 @@ def box_match(
     target = requested.clamp(min=0)
     reachable = target <= width
     p_exact = torch.where(
-        reachable, pmf.gather(-1, target.clamp(max=width)[..., None])[..., 0], torch.zeros_like(confidence_sum)
+        reachable,
+        pmf.gather(-1, target.clamp(max=width)[..., None])[..., 0],
+        torch.zeros_like(confidence_sum),
     )
     cdf_below = torch.cumsum(pmf, -1) - pmf  # P(count < n) at index n
     p_at_least = torch.where(
@@ -147,6 +153,14 @@ def box_match(
     p_exact = p_exact.masked_fill(padding, 0)
     p_at_least = p_at_least.masked_fill(padding, 0)
     return BoxMatch(
-        keep_indices, keep_boxes, keep_scores, keep_classes, num_kept,
-        counts, confidence_sum, confidence_mean, p_exact, p_at_least,
+        keep_indices,
+        keep_boxes,
+        keep_scores,
+        keep_classes,
+        num_kept,
+        counts,
+        confidence_sum,
+        confidence_mean,
+        p_exact,
+        p_at_least,
     )

@@ -5,4 +5,12 @@ from .registry import create_reward, list_rewards, register_reward
 from .scorer import Scorer
 from .types import RewardOutput, Sample, ScoreResult
 
-__all__ = ["RewardOutput", "Sample", "ScoreResult", "Scorer", "create_reward", "list_rewards", "register_reward"]
+__all__ = [
+    "RewardOutput",
+    "Sample",
+    "ScoreResult",
+    "Scorer",
+    "create_reward",
+    "list_rewards",
+    "register_reward",
+]

@@ -59,7 +59,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     scorer = Scorer(weights, config=config)
     for start in range(0, len(args.images), args.batch_size):
         images = args.images[start : start + args.batch_size]
-        for path, prompt, result in zip(images, prompts[start:], scorer.score(images, prompts[start:start + len(images)]), strict=False):
+        for path, prompt, result in zip(
+            images, prompts[start:], scorer.score(images, prompts[start : start + len(images)]), strict=False
+        ):
             print(json.dumps({"image": path, "prompt": prompt, **result.to_dict()}))
     return 0
 
@@ -113,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     return args.run(args)
 
 

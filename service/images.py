@@ -130,7 +130,8 @@ def load_image(source: Any, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image
             raise ImageError("not_found", f"no image file at {str(path)!r}")
         if path.stat().st_size > limits.max_bytes:
             raise ImageError(
-                "too_many_bytes", f"{path.name} is {path.stat().st_size} bytes; the limit is {limits.max_bytes}"
+                "too_many_bytes",
+                f"{path.name} is {path.stat().st_size} bytes; the limit is {limits.max_bytes}",
             )
         return decode_bytes(path.read_bytes(), limits)
     raise ImageError("bad_type", f"cannot read an image from a {type(source).__name__}")

@@ -23,7 +23,7 @@ def loop_oracle(candidates, class_ids, requested, conf, iou, max_det):
         )[:max_det]
         kept_index = index[kept]
         per_slot = []
-        for cls, n in zip(class_ids[b].tolist(), requested[b].tolist(), strict=True):
+        for cls in class_ids[b].tolist():
             if cls < 0:
                 per_slot.append((0, 0.0))
                 continue

@@ -27,7 +27,12 @@ def slots(*objects):
         ([(1, 4, 0.6)], 2 * 0.6 * 0.25 / 0.85, 0.6, 0.25),  # over-count: q = 1/4
         ([(4, 2, 0.5)], 2 * 0.5 * 0.5 / 1.0, 0.5, 0.5),  # under-count: q = 2/4
         ([(2, 1, 0.9), (3, 0, 0.0)], 2 * 0.45 * 0.25 / 0.7, 0.45, 0.25),  # one object missing
-        ([(1, 1, 0.3), (2, 2, 0.7), (5, 1, 0.5)], 2 * 0.5 * (1 + 1 + 0.2) / 3 / (0.5 + 2.2 / 3), 0.5, 2.2 / 3),
+        (
+            [(1, 1, 0.3), (2, 2, 0.7), (5, 1, 0.5)],
+            2 * 0.5 * (1 + 1 + 0.2) / 3 / (0.5 + 2.2 / 3),
+            0.5,
+            2.2 / 3,
+        ),
     ],
     ids=["exact", "zero-detections", "over-count", "under-count", "one-missing", "three-objects"],
 )
@@ -94,22 +99,43 @@ DOG, TEDDY, CLOCK = "dog", "teddy bear", "clock"
             True,
         ),
         (
-            ParsedPrompt("dog right of teddy", (ObjectSpec(TEDDY, 1), ObjectSpec(DOG, 1, None, Relation("right of", 0))), ()),
+            ParsedPrompt(
+                "dog right of teddy",
+                (ObjectSpec(TEDDY, 1), ObjectSpec(DOG, 1, None, Relation("right of", 0))),
+                (),
+            ),
             {TEDDY: [box(0, 0, 10, 10)], DOG: [box(100, 0, 110, 10)]},
             True,
         ),
         (
-            ParsedPrompt("dog right of teddy", (ObjectSpec(TEDDY, 1), ObjectSpec(DOG, 1, None, Relation("right of", 0))), ()),
+            ParsedPrompt(
+                "dog right of teddy",
+                (ObjectSpec(TEDDY, 1), ObjectSpec(DOG, 1, None, Relation("right of", 0))),
+                (),
+            ),
             {TEDDY: [box(100, 0, 110, 10)], DOG: [box(0, 0, 10, 10)]},
             False,
         ),
         (
-            ParsedPrompt("dog right of teddy", (ObjectSpec(TEDDY, 1), ObjectSpec(DOG, 1, None, Relation("right of", 0))), ()),
+            ParsedPrompt(
+                "dog right of teddy",
+                (ObjectSpec(TEDDY, 1), ObjectSpec(DOG, 1, None, Relation("right of", 0))),
+                (),
+            ),
             {DOG: [box(0, 0, 10, 10)]},
             False,
         ),
     ],
-    ids=["count-met", "count-short", "absent", "exclude-hit", "exclude-clear", "position-ok", "position-wrong", "no-target"],
+    ids=[
+        "count-met",
+        "count-short",
+        "absent",
+        "exclude-hit",
+        "exclude-clear",
+        "position-ok",
+        "position-wrong",
+        "no-target",
+    ],
 )
 def test_geneval_check_is_strict(parsed, detections, passed):
     verdict, reasons = geneval_check(parsed, detections)

@@ -63,7 +63,12 @@ def test_one_bad_item_fails_alone_and_never_scores_zero(scorer, bus):
     good = [r for i, r in enumerate(results) if i in (0, 5)]
     assert all(r.error is None and r.rewards["matching"] > 0 for r in good)
     assert good[0].rewards["matching"] == pytest.approx(good[1].rewards["matching"])
-    for index, fragment in [(1, "decode_failed"), (2, "unicorn"), (3, "too_small"), (4, "prompt must be a string")]:
+    for index, fragment in [
+        (1, "decode_failed"),
+        (2, "unicorn"),
+        (3, "too_small"),
+        (4, "prompt must be a string"),
+    ]:
         assert results[index].rewards["matching"] is None and results[index].total is None
         assert fragment in results[index].error
 
@@ -86,8 +91,21 @@ def test_weighted_total_combines_variants(bus):
     [
         ("a photo of a bus", None, "geneval", 1.0),
         ("a photo of a cat", None, "geneval", 0.0),
-        ("", {"include": [{"class": "person", "count": 3}], "exclude": [{"class": "person", "count": 30}]}, "geneval", 1.0),
-        ("", {"include": [{"class": "person", "count": 2}], "exclude": [{"class": "person", "count": 3}]}, "geneval", 0.0),
+        ("a photo of two buses", None, "geneval", 0.0),
+        ("a photo of a bus above a person", None, "geneval", 0.0),  # people stand beside, not under, the bus
+        ("a photo of a person left of a person", None, "geneval", 0.0),  # a person is not left of itself
+        (
+            "",
+            {"include": [{"class": "person", "count": 3}], "exclude": [{"class": "person", "count": 30}]},
+            "geneval",
+            1.0,
+        ),
+        (
+            "",
+            {"include": [{"class": "person", "count": 2}], "exclude": [{"class": "person", "count": 3}]},
+            "geneval",
+            0.0,
+        ),
         ("a bus and a cat", None, "numeracy", 0.5),
     ],
 )

@@ -16,7 +16,7 @@ import kernels
 from ..registry import register_reward
 from ..types import RewardOutput, Sample
 from .detector import DetectorConfig, OnnxDetector
-from .prompt import ParsedPrompt, from_geneval_metadata, parse_prompt
+from .prompt import ParsedPrompt, from_geneval_metadata, parse_prompt, to_geneval_metadata
 
 VARIANTS = ("seed", "geneval", "numeracy")
 # GenEval: an offset counts as a relation only beyond this fraction of the two boxes' summed extent.
@@ -141,7 +141,9 @@ class MatchingReward:
         self.conf_threshold, self.iou_threshold = conf_threshold, iou_threshold
         self.max_detections, self.batch_size = max_detections, max(1, batch_size)
         config = DetectorConfig(
-            providers=tuple(providers) if providers else None, intra_op_threads=intra_op_threads, batch_size=batch_size
+            providers=tuple(providers) if providers else None,
+            intra_op_threads=intra_op_threads,
+            batch_size=batch_size,
         )
         self.detector = load_detector(str(detector) if detector else None, config)
         self.vocabulary = self.detector.class_names
@@ -170,6 +172,9 @@ class MatchingReward:
             parsed = from_geneval_metadata(metadata, self.vocabulary)
         else:
             parsed = parse_prompt(sample.prompt, self.vocabulary)
+            if self.variant == "geneval":
+                # GenEval's form: relation targets first, counting prompts exclude n + 1.
+                parsed = from_geneval_metadata(to_geneval_metadata(parsed, self.vocabulary), self.vocabulary)
         if not parsed.objects:
             unknown = f" (nouns it cannot see: {', '.join(parsed.unknown)})" if parsed.unknown else ""
             raise ValueError(f"prompt names no object the detector knows{unknown}")
@@ -189,7 +194,8 @@ class MatchingReward:
         ready = sorted(plans)
         for start in range(0, len(ready), self.batch_size):
             chunk = ready[start : start + self.batch_size]
-            for index, output in zip(chunk, self._score_batch([samples[i] for i in chunk], [plans[i] for i in chunk])):
+            scored = self._score_batch([samples[i] for i in chunk], [plans[i] for i in chunk])
+            for index, output in zip(chunk, scored, strict=True):
                 outputs[index] = output
         return outputs
 
