@@ -59,10 +59,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     scorer = Scorer(weights, config=config)
     for start in range(0, len(args.images), args.batch_size):
         images = args.images[start : start + args.batch_size]
-        for path, prompt, result in zip(
-            images, prompts[start:], scorer.score(images, prompts[start : start + len(images)]), strict=False
-        ):
-            print(json.dumps({"image": path, "prompt": prompt, **result.to_dict()}))
+        batch_prompts = prompts[start : start + args.batch_size]
+        for path, prompt, result in zip(images, batch_prompts, scorer.score(images, batch_prompts), strict=True):
+            print(json.dumps({"image": path, "prompt": prompt, **result.to_dict()}), flush=True)
     return 0
 
 
