@@ -60,12 +60,16 @@ def select_candidates(
 
     # Class-aware NMS for all images in one call: shift each (image, class) group to its own region of the
     # plane so boxes of different groups never overlap. Dense group ids and float64 keep the shift exact.
+    # The span is the coordinate range (+1), not max + 1: with negative coordinates max + 1 lets groups overlap.
     group = flat_image * candidates.shape[-1] + flat_classes
     _, dense_group = torch.unique(group, return_inverse=True)
-    span = boxes.max() + 1 if boxes.numel() else boxes.new_tensor(1.0)
-    kept = torchvision.ops.nms(boxes + (dense_group * span)[:, None], flat_scores.double(), iou_threshold)
+    span = boxes.max() - boxes.min() + 1 if boxes.numel() else boxes.new_tensor(1.0)
+    # nms orders by score with an unstable sort; ordering by topk position instead (topk already sorted each
+    # image by descending score) breaks score ties in topk order, deterministically, like the Triton kernel.
+    flat_rank = torch.arange(topk, device=device).expand(batch, topk)[valid]
+    kept = torchvision.ops.nms(boxes + (dense_group * span)[:, None], -flat_rank.double(), iou_threshold)
 
-    # nms returns kept rows by descending score; a stable sort by image keeps that order within each image.
+    # nms returns kept rows by topk rank; a stable sort by image keeps that order within each image.
     kept = kept[torch.sort(flat_image[kept], stable=True).indices]
     kept_image = flat_image[kept]
     per_image = torch.bincount(kept_image, minlength=batch)
@@ -96,6 +100,8 @@ def poisson_binomial(probabilities: torch.Tensor) -> torch.Tensor:
     )  # [L]
     p = probabilities.double()[..., None, :]  # [..., 1, M]
     generating = torch.prod(1 - p + p * roots[:, None], dim=-1)  # [..., L]
+    if generating.numel() == 0:  # an empty batch: MKL's FFT rejects it
+        return probabilities.new_zeros(*probabilities.shape[:-1], length)
     pmf = torch.fft.fft(generating, dim=-1).real / length
     return pmf.clamp(0.0, 1.0).to(probabilities.dtype)
 
@@ -124,7 +130,9 @@ def box_match(
     )
     batch = candidates.shape[0]
     gather_index = keep_indices.clamp(min=0)[..., None].expand(batch, max_detections, 4)
-    keep_boxes = torch.gather(candidates[..., :4], 1, gather_index) * (keep_indices >= 0)[..., None]
+    # With N = 0 every slot is padding, but gather still needs a row 0 to point at.
+    source = candidates[..., :4] if candidates.shape[1] else candidates.new_zeros(batch, 1, 4)
+    keep_boxes = torch.gather(source, 1, gather_index) * (keep_indices >= 0)[..., None]
 
     # [B, K, M]: which kept detection belongs to which prompt slot.
     member = (keep_classes[:, None, :] == class_ids[:, :, None]) & (class_ids[:, :, None] >= 0)
@@ -164,3 +172,83 @@ def box_match(
         p_exact,
         p_at_least,
     )
+
+
+class LayoutMatch(NamedTuple):
+    """Result of layout_match for B images with T target boxes each.
+
+    best_iou [B, T] (det_boxes dtype): IoU of the detection each target picked, 0 when it had none to pick.
+    matched [B, T] bool: the picked IoU reached the threshold, and the detection is now taken.
+    matched_index [B, T] int64: the matched detection's index, -1 when unmatched.
+    """
+
+    best_iou: torch.Tensor
+    matched: torch.Tensor
+    matched_index: torch.Tensor
+
+
+def pairwise_iou(boxes_a: torch.Tensor, boxes_b: torch.Tensor) -> torch.Tensor:
+    """[..., A, 4], [..., B, 4] -> IoU [..., A, B] in float64. Inverted boxes (x1 < x0 or y1 < y0) have zero
+    area; a pair whose union is not positive has IoU 0 (so zero-area boxes never match anything)."""
+    a, b = boxes_a.double()[..., :, None, :], boxes_b.double()[..., None, :, :]
+    width = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])).clamp(min=0)
+    height = (torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])).clamp(min=0)
+    inter = width * height
+    area_a = (a[..., 2] - a[..., 0]).clamp(min=0) * (a[..., 3] - a[..., 1]).clamp(min=0)
+    area_b = (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
+    union = area_a + area_b - inter
+    return torch.where(union > 0, inter / torch.where(union > 0, union, 1.0), 0.0)
+
+
+def layout_match(
+    det_boxes: torch.Tensor,
+    det_scores: torch.Tensor,
+    det_classes: torch.Tensor,
+    target_boxes: torch.Tensor,
+    target_classes: torch.Tensor,
+    iou_threshold: float = 0.5,
+) -> LayoutMatch:
+    """Greedy one-to-one matching of detections to target boxes of the same class.
+
+    det_boxes [B, M, 4], det_scores [B, M], det_classes [B, M] int64 (-1 padding);
+    target_boxes [B, T, 4], target_classes [B, T] int64 (-1 padding).
+
+    Rule: targets are visited in order t = 0 .. T-1. Target t of class c >= 0 looks at the detections of class
+    c that no earlier target has matched, and picks the one with the highest IoU (pairwise_iou, float64),
+    ties broken by the higher score, then by the lower index. best_iou[t] is the picked IoU (0 when there is
+    nothing to pick). The target is matched, and the detection taken, when best_iou[t] >= iou_threshold; an
+    unmatched target takes nothing. Padding targets pick nothing.
+
+    The greedy walk is sequential over the T targets (each sees what the earlier ones left); every step is
+    vectorised over the batch and the detections.
+    """
+    if det_boxes.ndim != 3 or det_boxes.shape[-1] != 4 or target_boxes.ndim != 3 or target_boxes.shape[-1] != 4:
+        raise ValueError(
+            f"boxes must be [B, M, 4] and [B, T, 4], got {tuple(det_boxes.shape)}, {tuple(target_boxes.shape)}"
+        )
+    batch, num_targets = target_classes.shape
+    num_dets = det_classes.shape[1]
+    device = det_boxes.device
+    iou = pairwise_iou(target_boxes, det_boxes)  # [B, T, M]
+    same_class = (det_classes[:, None, :] == target_classes[:, :, None]) & (target_classes[:, :, None] >= 0)
+    scores = det_scores.double()
+    det_index = torch.arange(num_dets, device=device).expand(batch, num_dets)
+    taken = torch.zeros((batch, num_dets), dtype=torch.bool, device=device)
+    best_iou = torch.zeros((batch, num_targets), dtype=torch.float64, device=device)
+    matched = torch.zeros((batch, num_targets), dtype=torch.bool, device=device)
+    matched_index = torch.full((batch, num_targets), -1, dtype=torch.int64, device=device)
+    for t in range(num_targets if num_dets else 0):
+        candidate = same_class[:, t] & ~taken  # [B, M]
+        candidate_iou = torch.where(candidate, iou[:, t], -1.0)
+        top_iou = candidate_iou.max(-1).values
+        tied = candidate & (candidate_iou == top_iou[:, None])
+        tied_score = torch.where(tied, scores, -math.inf)
+        pick = tied & (tied_score == tied_score.max(-1).values[:, None])
+        picked = torch.where(pick, det_index, num_dets).min(-1).values
+        has_candidate = candidate.any(-1)
+        hit = has_candidate & (top_iou >= iou_threshold)
+        best_iou[:, t] = torch.where(has_candidate, top_iou, 0.0)
+        matched[:, t] = hit
+        matched_index[:, t] = torch.where(hit, picked, -1)
+        taken |= (det_index == picked[:, None]) & hit[:, None]
+    return LayoutMatch(best_iou.to(det_boxes.dtype), matched, matched_index)

@@ -4,7 +4,8 @@ Decodes images once, runs each requested reward over the batch and combines them
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from service.images import DEFAULT_LIMITS, ImageError, ImageLimits, load_image
@@ -22,6 +23,7 @@ class Scorer:
 
     rewards: names (weight 1 each) or {name: weight}; config: {name: keyword arguments of that reward}.
     Models load once, here. score() never raises for one bad item: that item gets an error instead.
+    observer(reward name, seconds, items) is called after each reward's batch (metrics hook).
     """
 
     def __init__(
@@ -29,6 +31,7 @@ class Scorer:
         rewards: Sequence[str] | Mapping[str, float] = ("matching",),
         config: Mapping[str, Mapping[str, Any]] | None = None,
         image_limits: ImageLimits = DEFAULT_LIMITS,
+        observer: Callable[[str, float, int], None] | None = None,
     ) -> None:
         if isinstance(rewards, str):
             rewards = [rewards]
@@ -40,6 +43,7 @@ class Scorer:
             name: create_reward(name, **dict(config.get(name, {}))) for name in self.weights
         }
         self.image_limits = image_limits
+        self.observer = observer
 
     def describe(self) -> dict[str, Any]:
         return {name: {**reward.describe(), "weight": self.weights[name]} for name, reward in self.rewards.items()}
@@ -67,7 +71,7 @@ class Scorer:
             try:
                 outputs.extend(reward.score([sample]))
             except Exception as exc:
-                outputs.append(RewardOutput(None, {}, f"{type(exc).__name__}: {exc}"))
+                outputs.append(RewardOutput(None, {}, f"{type(exc).__name__}: {exc}", "reward_failed"))
         return outputs
 
     def score(
@@ -92,20 +96,23 @@ class Scorer:
                 samples.append(self._decode(image, prompt, meta))
                 positions.append(index)
             except ImageError as exc:
-                results[index].error = f"image ({exc.code}): {exc}"
+                results[index].add_error(f"image ({exc.code}): {exc}", exc.code)
             except ValueError as exc:
-                results[index].error = str(exc)
+                results[index].add_error(str(exc), "invalid_item")
 
         for name, reward in self.rewards.items():
             if not samples:
                 break
-            for position, output in zip(positions, self._run_reward(name, reward, samples), strict=True):
+            started = time.perf_counter()
+            outputs = self._run_reward(name, reward, samples)
+            if self.observer is not None:
+                self.observer(name, time.perf_counter() - started, len(samples))
+            for position, output in zip(positions, outputs, strict=True):
                 result = results[position]
                 result.rewards[name] = output.value
                 result.details[name] = {**output.details, "version": reward.version}
                 if output.error:
-                    message = f"{name}: {output.error}"
-                    result.error = message if result.error is None else f"{result.error}; {message}"
+                    result.add_error(f"{name}: {output.error}", output.code or "reward_failed")
         for result in results:
             values = result.rewards.values()
             if all(value is not None for value in values):

@@ -25,6 +25,7 @@ class RewardOutput:
     value: float | None
     details: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    code: str | None = None  # machine-readable reason when error is set
 
     def __post_init__(self) -> None:
         if self.value is None and self.error is None:
@@ -39,12 +40,24 @@ class ScoreResult:
     total: weighted sum of the rewards, None unless every requested reward has a value.
     details: reward name -> breakdown (models and versions included).
     error: None when every reward scored; otherwise the per-reward (or decoding) messages.
+    error_code: machine-readable code of the first error (e.g. "unsupported_format", "no_countable_object").
     """
 
     rewards: dict[str, float | None]
     total: float | None = None
     details: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    error_code: str | None = None
+
+    def add_error(self, message: str, code: str) -> None:
+        self.error = message if self.error is None else f"{self.error}; {message}"
+        self.error_code = self.error_code or code
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rewards": self.rewards, "total": self.total, "details": self.details, "error": self.error}
+        return {
+            "rewards": self.rewards,
+            "total": self.total,
+            "details": self.details,
+            "error": self.error,
+            "error_code": self.error_code,
+        }

@@ -14,6 +14,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("REWARDSCOPE_CACHE", tempfile.mkdtemp(prefix="rewardscope-cache-"))
 
+import torch  # noqa: E402  (importing torch alone does not import triton)
+
+# Without a GPU, Triton kernels run in its interpreter, which must be chosen before triton.language is
+# imported (torchvision imports it), so before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 

@@ -4,6 +4,7 @@ T2I-CompBench's numeracy score, all computed from one batched detector pass and 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,32 @@ import kernels
 from ..registry import register_reward
 from ..types import RewardOutput, Sample
 from .detector import DetectorConfig, OnnxDetector
-from .prompt import ParsedPrompt, from_geneval_metadata, parse_prompt, to_geneval_metadata
+from .prompt import ObjectSpec, ParsedPrompt, from_geneval_metadata, parse_prompt, to_geneval_metadata
 
-VARIANTS = ("seed", "geneval", "numeracy")
+VARIANTS = ("seed", "soft", "geneval", "numeracy", "layout")
+SCALES = {
+    "seed": "F1 of mean detection confidence and count agreement min(d,n)/max(d,n)",
+    "soft": "F1 of mean detection confidence and P(count = n) under the Poisson-binomial soft count",
+    "geneval": "1 if every GenEval check passes, else 0",
+    "numeracy": "mean over objects of 0.5*[present] + 0.5*[exact count]",
+    "layout": "mean over target boxes of the best same-class IoU (greedy one-to-one)",
+}
+MAX_LAYOUT_TARGETS = 64
 # GenEval: an offset counts as a relation only beyond this fraction of the two boxes' summed extent.
 GENEVAL_POSITION_THRESHOLD = 0.1
+
+
+def f1_score(
+    category: torch.Tensor, quantity: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """C, Q = means over the masked slots of [B, K] confidences; score = 2CQ / (C + Q), 0 when both are 0."""
+    weights = mask.to(category.dtype)
+    objects = weights.sum(-1).clamp(min=1)
+    category_mean = (category * weights).sum(-1) / objects
+    quantity_mean = (quantity.to(category.dtype) * weights).sum(-1) / objects
+    total = category_mean + quantity_mean
+    score = torch.where(total > 0, 2 * category_mean * quantity_mean / total.clamp(min=1e-12), torch.zeros_like(total))
+    return score, category_mean, quantity_mean
 
 
 def seed_score(
@@ -34,13 +56,8 @@ def seed_score(
     """
     detected, wanted = counts.to(confidence_mean.dtype), requested.to(confidence_mean.dtype)
     quantity = torch.minimum(detected, wanted) / torch.maximum(detected, wanted).clamp(min=1)
-    weights = mask.to(confidence_mean.dtype)
-    objects = weights.sum(-1).clamp(min=1)
-    category_mean = (confidence_mean * weights).sum(-1) / objects
-    quantity_mean = (quantity * weights).sum(-1) / objects
-    total = category_mean + quantity_mean
-    score = torch.where(total > 0, 2 * category_mean * quantity_mean / total.clamp(min=1e-12), torch.zeros_like(total))
-    return score, category_mean, quantity_mean, quantity * weights
+    score, category_mean, quantity_mean = f1_score(confidence_mean, quantity, mask)
+    return score, category_mean, quantity_mean, quantity * mask
 
 
 def numeracy_score(counts: torch.Tensor, requested: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -108,6 +125,12 @@ def load_detector(path: str | None, config: DetectorConfig) -> OnnxDetector:
     return OnnxDetector(Path(path) if path else embedded_detector_path(), config)
 
 
+class _Unscorable(ValueError):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 @dataclass
 class _Plan:
     """A sample's prompt turned into detector slots: objects first, then GenEval excludes."""
@@ -115,6 +138,7 @@ class _Plan:
     parsed: ParsedPrompt
     class_ids: list[int]
     requested: list[int]
+    targets: list[tuple[int, list[float]]] | None = None  # layout variant: (class index, box x0 y0 x1 y1)
 
 
 class MatchingReward:
@@ -132,12 +156,15 @@ class MatchingReward:
         batch_size: int = 8,
         providers: tuple[str, ...] | None = None,
         intra_op_threads: int = 0,
+        kernels_backend: str | None = None,
+        layout_iou: float = 0.5,
     ) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"unknown matching variant {variant!r}; choose from {', '.join(VARIANTS)}")
         if not 0 <= conf_threshold < 1 or not 0 < iou_threshold <= 1:
             raise ValueError("conf_threshold must be in [0, 1) and iou_threshold in (0, 1]")
         self.variant = variant
+        self.kernels_backend, self.layout_iou = kernels_backend, layout_iou
         self.conf_threshold, self.iou_threshold = conf_threshold, iou_threshold
         self.max_detections, self.batch_size = max_detections, max(1, batch_size)
         config = DetectorConfig(
@@ -163,10 +190,42 @@ class MatchingReward:
             },
             "range": [0.0, 1.0],
             "direction": "higher is better",
-            "scale": "probability-like" if self.variant == "seed" else "fraction of checks passed",
+            "scale": SCALES[self.variant],
         }
 
+    def _layout_plan(self, sample: Sample) -> _Plan:
+        layout = (sample.metadata or {}).get("layout")
+        if not isinstance(layout, list) or not layout:
+            raise _Unscorable(
+                "no_layout", "the layout variant needs metadata {'layout': [{'class': ..., 'box': [x0, y0, x1, y1]}]}"
+            )
+        if len(layout) > MAX_LAYOUT_TARGETS:
+            raise ValueError(f"layout has {len(layout)} targets; the limit is {MAX_LAYOUT_TARGETS}")
+        targets: list[tuple[int, list[float]]] = []
+        for entry in layout:
+            if not isinstance(entry, dict) or set(entry) != {"class", "box"}:
+                raise ValueError("each layout target is {'class': name, 'box': [x0, y0, x1, y1]}")
+            name, box = entry["class"], entry["box"]
+            resolved = parse_prompt(f"a {name}", self.vocabulary).objects if isinstance(name, str) else ()
+            if len(resolved) != 1:
+                raise _Unscorable("unknown_class", f"layout class {name!r} is not one the detector knows")
+            if (
+                not isinstance(box, list)
+                or len(box) != 4
+                or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)
+                or not (box[2] > box[0] and box[3] > box[1])
+            ):
+                raise ValueError(f"layout box {box!r} must be 4 finite numbers x0 < x1, y0 < y1 (image pixels)")
+            targets.append((self.class_index[resolved[0].class_name], [float(v) for v in box]))
+        counts: dict[int, int] = {}
+        for class_id, _ in targets:
+            counts[class_id] = counts.get(class_id, 0) + 1
+        objects = tuple(ObjectSpec(self.vocabulary[c], n) for c, n in counts.items())
+        return _Plan(ParsedPrompt(sample.prompt, objects, ()), list(counts), list(counts.values()), targets)
+
     def _plan(self, sample: Sample) -> _Plan:
+        if self.variant == "layout":
+            return self._layout_plan(sample)
         metadata = sample.metadata or {}
         if "include" in metadata:
             parsed = from_geneval_metadata(metadata, self.vocabulary)
@@ -177,9 +236,11 @@ class MatchingReward:
                 parsed = from_geneval_metadata(to_geneval_metadata(parsed, self.vocabulary), self.vocabulary)
         if not parsed.objects:
             unknown = f" (nouns it cannot see: {', '.join(parsed.unknown)})" if parsed.unknown else ""
-            raise ValueError(f"prompt names no object the detector knows{unknown}")
+            raise _Unscorable("no_countable_object", f"prompt names no object the detector knows{unknown}")
         if self.variant == "geneval" and any(spec.color for spec in parsed.objects):
-            raise ValueError("colour attributes need a CLIP colour classifier; none is configured")
+            raise _Unscorable(
+                "colour_unavailable", "colour attributes need a CLIP colour classifier; none is configured"
+            )
         slots = list(parsed.objects) + (list(parsed.exclude) if self.variant == "geneval" else [])
         return _Plan(parsed, [self.class_index[s.class_name] for s in slots], [s.count for s in slots])
 
@@ -189,8 +250,10 @@ class MatchingReward:
         for index, sample in enumerate(samples):
             try:
                 plans[index] = self._plan(sample)
-            except ValueError as exc:
-                outputs[index] = RewardOutput(None, {"variant": self.variant}, str(exc))
+            except _Unscorable as exc:
+                outputs[index] = RewardOutput(None, {"variant": self.variant}, str(exc), exc.code)
+            except (ValueError, TypeError) as exc:  # bad GenEval metadata from the caller
+                outputs[index] = RewardOutput(None, {"variant": self.variant}, str(exc), "bad_metadata")
         ready = sorted(plans)
         for start in range(0, len(ready), self.batch_size):
             chunk = ready[start : start + self.batch_size]
@@ -208,19 +271,75 @@ class MatchingReward:
             class_ids[row, : len(plan.class_ids)] = torch.tensor(plan.class_ids)
             requested[row, : len(plan.requested)] = torch.tensor(plan.requested)
         match = kernels.box_match(
-            candidates, class_ids, requested, self.conf_threshold, self.iou_threshold, self.max_detections
+            candidates,
+            class_ids,
+            requested,
+            self.conf_threshold,
+            self.iou_threshold,
+            self.max_detections,
+            backend=self.kernels_backend,
         )
         object_mask = torch.zeros_like(class_ids, dtype=torch.bool)
         for row, plan in enumerate(plans):
             object_mask[row, : len(plan.parsed.objects)] = True
-        seed, category, quantity, per_quantity = seed_score(match.counts, match.confidence_mean, requested, object_mask)
-        numeracy = numeracy_score(match.counts, requested, object_mask)
-        return [
-            self._result(row, plan, match, seed, category, quantity, per_quantity, numeracy)
-            for row, plan in enumerate(plans)
-        ]
+        if self.variant == "soft":
+            quantity = match.p_exact * object_mask
+            values, category, quantity_mean = f1_score(match.confidence_mean, quantity, object_mask)
+        else:
+            values, category, quantity_mean, quantity = seed_score(
+                match.counts, match.confidence_mean, requested, object_mask
+            )
+        if self.variant == "numeracy":
+            values = numeracy_score(match.counts, requested, object_mask)
+        layout = self._layout(match, plans) if self.variant == "layout" else None
+        outputs = []
+        for row, plan in enumerate(plans):
+            details = self._details(row, plan, match, category, quantity_mean, quantity)
+            if self.variant == "geneval":
+                by_class: dict[str, list[np.ndarray]] = {}
+                for detection in details["detections"]:
+                    by_class.setdefault(detection["class"], []).append(np.asarray(detection["box"]))
+                passed, details["reasons"] = geneval_check(plan.parsed, by_class)
+                value = float(passed)
+            elif layout is not None:
+                targets = [
+                    {
+                        "class": self.vocabulary[class_id],
+                        "box": box,
+                        "best_iou": float(layout.best_iou[row, index]),
+                        "matched": bool(layout.matched[row, index]),
+                    }
+                    for index, (class_id, box) in enumerate(plan.targets or [])
+                ]
+                value = float(np.mean([t["best_iou"] for t in targets]))
+                details["targets"] = targets
+                details["recall"] = float(np.mean([t["matched"] for t in targets]))
+                details["thresholds"]["layout_iou"] = self.layout_iou
+            else:
+                value = float(values[row])
+            details["score"] = value
+            outputs.append(RewardOutput(value, details))
+        return outputs
 
-    def _result(self, row, plan, match, seed, category, quantity, per_quantity, numeracy) -> RewardOutput:
+    def _layout(self, match: kernels.BoxMatch, plans: list[_Plan]) -> kernels.LayoutMatch:
+        width = max(len(plan.targets or []) for plan in plans)
+        target_boxes = torch.zeros((len(plans), width, 4), dtype=match.keep_boxes.dtype)
+        target_classes = torch.full((len(plans), width), -1, dtype=torch.int64)
+        for row, plan in enumerate(plans):
+            for index, (class_id, box) in enumerate(plan.targets or []):
+                target_boxes[row, index] = torch.tensor(box)
+                target_classes[row, index] = class_id
+        return kernels.layout_match(
+            match.keep_boxes,
+            match.keep_scores,
+            match.keep_classes,
+            target_boxes,
+            target_classes,
+            self.layout_iou,
+            backend=self.kernels_backend,
+        )
+
+    def _details(self, row, plan, match, category, quantity_mean, quantity) -> dict[str, Any]:
         kept = int(match.num_kept[row])
         boxes = match.keep_boxes[row, :kept].tolist()
         scores = match.keep_scores[row, :kept].tolist()
@@ -231,16 +350,18 @@ class MatchingReward:
                 "requested": spec.count,
                 "detected": int(match.counts[row, slot]),
                 "category_confidence": float(match.confidence_mean[row, slot]),
-                "quantity_confidence": float(per_quantity[row, slot]),
+                "quantity_confidence": float(quantity[row, slot]),
+                "p_exact": float(match.p_exact[row, slot]),
+                "p_at_least": float(match.p_at_least[row, slot]),
                 **({"color": spec.color} if spec.color else {}),
                 **({"relation": [spec.relation.relation, spec.relation.target]} if spec.relation else {}),
             }
             for slot, spec in enumerate(plan.parsed.objects)
         ]
-        details: dict[str, Any] = {
+        return {
             "variant": self.variant,
             "category_confidence": float(category[row]),
-            "quantity_confidence": float(quantity[row]),
+            "quantity_confidence": float(quantity_mean[row]),
             "objects": objects,
             "unknown": list(plan.parsed.unknown),
             "detections": [
@@ -250,24 +371,11 @@ class MatchingReward:
             "thresholds": {"confidence": self.conf_threshold, "iou": self.iou_threshold},
             "detector": {"model": self.detector.path.name, "version": self.version},
         }
-        if self.variant == "seed":
-            value = float(seed[row])
-        elif self.variant == "numeracy":
-            value = float(numeracy[row])
-        else:
-            by_class: dict[str, list[np.ndarray]] = {}
-            for name, box in zip(classes, boxes, strict=True):
-                by_class.setdefault(name, []).append(np.asarray(box))
-            passed, reasons = geneval_check(plan.parsed, by_class)
-            value = float(passed)
-            details["reasons"] = reasons
-        details["score"] = value
-        return RewardOutput(value, details)
 
 
 @register_reward("matching")
 def matching(**config: Any) -> MatchingReward:
-    """Seed matching score by default; `variant` picks geneval or numeracy."""
+    """Seed matching score by default; `variant` picks soft, geneval, numeracy or layout."""
     return MatchingReward(**config)
 
 
