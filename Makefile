@@ -17,7 +17,7 @@ export YOLO_CONFIG_DIR ?= $(HOME)/.cache/rewardscope/ultralytics
 
 .PHONY: venv serve test bench lint clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q $(TORCH_PINS)
@@ -29,7 +29,9 @@ $(STAMP): pyproject.toml Makefile
 venv: $(STAMP)
 
 serve: venv
-	$(VENV)/bin/rewardscope demo
+	@echo "score an image: curl -s localhost:3000/score -H 'content-type: application/json' \\"
+	@echo "  -d '{\"items\": [{\"image\": \"'\$$(base64 -w0 photo.jpg)'\", \"prompt\": \"two dogs\"}]}'"
+	$(VENV)/bin/rewardscope serve --host 127.0.0.1 --port 3000
 
 test: venv
 	$(PYTHON) -m pytest -q -p no:cacheprovider; rc=$$?; \

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -85,10 +86,40 @@ def cmd_export_detector(args: argparse.Namespace) -> int:
     return 0
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def serve_command(host: str, port: int, allow_remote_without_token: bool = False) -> list[str]:
+    """The bentoml command line that serves RewardService; refuses non-loopback hosts without a token."""
+    if host not in LOOPBACK and not os.environ.get("REWARDSCOPE_TOKEN") and not allow_remote_without_token:
+        raise SystemExit(
+            f"refusing to listen on {host} without REWARDSCOPE_TOKEN set; "
+            "set a token, or pass --allow-remote-without-token if the network is trusted"
+        )
+    bentoml = Path(sys.executable).with_name("bentoml")
+    return [str(bentoml), "serve", "service.app:RewardService", "--host", host, "--port", str(port)]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    command = serve_command(args.host, args.port, args.allow_remote_without_token)
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    root = Path(__file__).resolve().parents[1]
+    print(f"rewardscope: serving on http://{args.host}:{args.port}  (try: curl http://{args.host}:{args.port}/rewards)")
+    os.chdir(root)  # bentoml resolves service.app from the working directory
+    os.execv(command[0], command)
+    return 0  # not reached
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rewardscope", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="start the HTTP service (BentoML) on 127.0.0.1:3000")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=3000)
+    serve.add_argument("--allow-remote-without-token", action="store_true", help="listen beyond loopback with no auth")
+    serve.set_defaults(run=cmd_serve)
 
     demo = commands.add_parser("demo", help="score the bundled sample photos with a few prompts")
     demo.add_argument("--conf", type=float, default=0.25, help="detection confidence threshold")

@@ -3,6 +3,8 @@ Enforces size, pixel and format limits before pixels are decoded, applies EXIF o
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import os
 import sys
@@ -135,3 +137,28 @@ def load_image(source: Any, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image
             )
         return decode_bytes(path.read_bytes(), limits)
     raise ImageError("bad_type", f"cannot read an image from a {type(source).__name__}")
+
+
+def decode_npy(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+    """A .npy file's bytes (uint8 HW or HWC) -> RGB PIL image. Object arrays are refused: no unpickling."""
+    if len(data) > limits.max_bytes:
+        raise ImageError("too_many_bytes", f"array is {len(data)} bytes; the limit is {limits.max_bytes}")
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as exc:
+        raise ImageError("bad_array", f"not a plain .npy array (object arrays are refused): {exc}") from None
+    except Exception as exc:
+        raise ImageError("bad_array", f"cannot read .npy data: {exc}") from None
+    return decode_array(array, limits)
+
+
+def decode_base64(text: str, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
+    """Strict base64 -> bytes, refusing input whose decoded size would pass the byte limit."""
+    if len(text) * 3 // 4 > limits.max_bytes + 3:
+        raise ImageError("too_many_bytes", f"payload decodes to more than {limits.max_bytes} bytes")
+    if text.startswith("data:") and "," in text:  # tolerate data URLs: data:image/png;base64,....
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ImageError("bad_base64", f"image is not valid base64: {exc}") from None

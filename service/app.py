@@ -1,0 +1,121 @@
+"""RewardService: the BentoML service. Loads the models once in __init__, one method per endpoint;
+the work itself lives in service/engine.py. Configure with REWARDSCOPE_* environment variables."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import bentoml
+from pydantic import Field
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from . import metrics
+from .engine import RewardEngine
+from .golden import check
+from .guard import GuardMiddleware
+from .schemas import ItemResult, MatchItem, MatchResult, RankGroup, RankResult, RewardSpec, ScoreItem
+from .settings import ServiceSettings
+
+log = logging.getLogger("rewardscope.service")
+SETTINGS = ServiceSettings.from_env()
+
+Items = Annotated[list[ScoreItem], Field(max_length=SETTINGS.max_items)]
+MatchItems = Annotated[list[MatchItem], Field(max_length=SETTINGS.max_items)]
+BATCHING = {"batchable": True, "max_batch_size": SETTINGS.max_batch_size, "max_latency_ms": SETTINGS.max_latency_ms}
+
+
+@bentoml.service(
+    name="rewardscope",
+    workers=1,
+    traffic={"timeout": SETTINGS.timeout_s, "max_concurrency": SETTINGS.max_concurrency},
+)
+class RewardService:
+    def __init__(self) -> None:
+        self.engine = RewardEngine(SETTINGS)
+        self.golden = None
+        if SETTINGS.golden_check:
+            self.golden = check(
+                self.engine.scorer(self.engine.default_weights, SETTINGS.profile), SETTINGS.profile, SETTINGS.golden
+            )
+            (log.info if self.golden.ok else log.error)("%s", self.golden.summary())
+        metrics.GOLDEN_OK.set(1 if self.golden is None or self.golden.ok else 0)
+        _INFO.engine = self.engine
+        _INFO.service = self
+
+    @bentoml.api(route="/score", **BATCHING)
+    def score(self, items: Items) -> list[ItemResult]:
+        """Score (image, prompt) items with the requested rewards; per item: rewards, total, details, error."""
+        return self.engine.score(items)
+
+    @bentoml.api(route="/match", **BATCHING)
+    def match(self, items: MatchItems) -> list[MatchResult]:
+        """Detection matching score with its breakdown and boxes; variant seed, geneval or numeracy."""
+        return self.engine.match(items)
+
+    @bentoml.api(route="/rank")
+    def rank(
+        self,
+        groups: Annotated[list[RankGroup], Field(max_length=64)],
+        rewards: RewardSpec | None = None,
+        profile: str | None = None,
+    ) -> list[RankResult]:
+        """Rank N candidates per prompt by total reward; chosen/rejected are the DPO pair (best/worst)."""
+        return self.engine.rank(groups, rewards, profile)
+
+    @bentoml.task(route="/jobs/score")
+    def score_job(
+        self, items: Annotated[list[ScoreItem], Field(max_length=SETTINGS.max_items * 16)]
+    ) -> list[ItemResult]:
+        """Asynchronous /score for large submissions: submit, poll status, fetch the result later."""
+        return self.engine.score(items)
+
+    def __is_ready__(self) -> bool:
+        return self.golden is None or self.golden.ok
+
+    def __metrics__(self, content: str) -> str:
+        # Under `bentoml serve` (prometheus multiprocess mode) BentoML's collector already reads our series.
+        return content if "rewardscope_" in content else content + metrics.render()
+
+
+class _Info:
+    """Bridge from the plain GET routes below to the running service instance (set in its __init__)."""
+
+    engine: RewardEngine | None = None
+    service: RewardService | None = None
+
+
+_INFO = _Info()
+
+
+async def rewards_view(_: Request) -> JSONResponse:
+    if _INFO.engine is None:
+        return JSONResponse({"error": "service is starting"}, status_code=503)
+    return JSONResponse(_INFO.engine.describe())
+
+
+async def golden_view(_: Request) -> JSONResponse:
+    golden = _INFO.service.golden if _INFO.service else None
+    if golden is None:
+        return JSONResponse({"checked": False})
+    return JSONResponse(
+        {"ok": golden.ok, "checked": golden.checked, "differences": golden.differences, "skipped": golden.skipped},
+        status_code=200 if golden.ok else 503,
+    )
+
+
+RewardService.mount_asgi_app(
+    Starlette(
+        routes=[Route("/rewards", rewards_view, methods=["GET"]), Route("/golden", golden_view, methods=["GET"])]
+    ),
+    path="/",
+)
+RewardService.add_asgi_middleware(
+    GuardMiddleware,
+    token=SETTINGS.token,
+    max_request_bytes=SETTINGS.max_request_bytes,
+    retry_after_s=SETTINGS.retry_after_s,
+)

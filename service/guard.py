@@ -1,0 +1,92 @@
+"""ASGI middleware in front of every endpoint: bearer-token auth, request-size limit, and Retry-After
+on 503 so that clients back off instead of hammering an overloaded service."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# Probes stay open so orchestrators can check health without holding the token.
+OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz"})
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _send_json(send: Send, status: int, payload: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> None:
+    body = json.dumps(payload).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class GuardMiddleware:
+    def __init__(
+        self, app: ASGIApp, token: str | None = None, max_request_bytes: int = 64 << 20, retry_after_s: int = 1
+    ):
+        self.app = app
+        self.token = token.encode() if token else None
+        self.max_request_bytes = max_request_bytes
+        self.retry_after = str(retry_after_s).encode()
+
+    def _authorised(self, scope: Scope) -> bool:
+        if self.token is None or scope.get("path") in OPEN_PATHS:
+            return True
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                scheme, _, credential = value.partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(credential.strip(), self.token)
+        return False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if not self._authorised(scope):
+            await _send_json(send, 401, {"error": "missing or wrong bearer token"}, [(b"www-authenticate", b"Bearer")])
+            return
+        headers = dict(scope.get("headers", []))
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_request_bytes:
+            await _send_json(send, 413, {"error": f"request body exceeds {self.max_request_bytes} bytes"})
+            return
+
+        received = 0
+        started = False
+
+        async def counted_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_request_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        async def send_with_retry_after(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if message["status"] in (503, 429):
+                    message["headers"] = [*message.get("headers", []), (b"retry-after", self.retry_after)]
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, send_with_retry_after)
+        except _BodyTooLarge:
+            if not started:
+                await _send_json(send, 413, {"error": f"request body exceeds {self.max_request_bytes} bytes"})

@@ -1,0 +1,44 @@
+"""Prometheus series of rewardscope, kept in their own registry and appended to BentoML's /metrics output.
+Latency per reward, items, errors by code, reward values, batch sizes and model load time."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+REWARD_LATENCY = Histogram(
+    "rewardscope_reward_latency_seconds",
+    "Time one reward spends on one batch",
+    ["reward"],
+    registry=REGISTRY,
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+ITEMS = Counter("rewardscope_items_total", "Items scored, by endpoint", ["endpoint"], registry=REGISTRY)
+ERRORS = Counter("rewardscope_errors_total", "Per-item errors, by code", ["code"], registry=REGISTRY)
+REWARD_VALUE = Histogram(
+    "rewardscope_reward_value",
+    "Distribution of reward values (failed items are not observed)",
+    ["reward"],
+    registry=REGISTRY,
+    buckets=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 2.5, 10.0),
+)
+BATCH_SIZE = Histogram(
+    "rewardscope_batch_size",
+    "Items per batched call after adaptive batching",
+    ["endpoint"],
+    registry=REGISTRY,
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+MODEL_LOAD = Gauge(
+    "rewardscope_model_load_seconds", "Seconds to load a Scorer's models", ["rewards"], registry=REGISTRY
+)
+GOLDEN_OK = Gauge("rewardscope_golden_check_ok", "1 when the start-up golden check passed", registry=REGISTRY)
+
+
+def observe_reward(name: str, seconds: float, items: int) -> None:
+    REWARD_LATENCY.labels(reward=name).observe(seconds)
+
+
+def render() -> str:
+    return generate_latest(REGISTRY).decode("utf-8")

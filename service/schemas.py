@@ -1,0 +1,105 @@
+"""The HTTP API contract: pydantic request and response models, with examples for the OpenAPI schema.
+Images travel as base64 of an encoded file (PNG, JPEG, WebP) or of a .npy uint8 array (HWC, RGB)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+RewardSpec = list[str] | dict[str, float]
+
+EXAMPLE_IMAGE = "<base64 of a PNG/JPEG/WebP file>"
+
+
+class ImageInput(BaseModel):
+    """One image: exactly one of `image` (base64 of an encoded file) or `array` (base64 of a .npy file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str | None = Field(default=None, description="base64 of a PNG, JPEG or WebP file")
+    array: str | None = Field(
+        default=None, description="base64 of a .npy file holding a uint8 array [H, W, 3] (or [H, W])"
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> ImageInput:
+        if (self.image is None) == (self.array is None):
+            raise ValueError("give exactly one of 'image' (base64 file) or 'array' (base64 .npy)")
+        return self
+
+
+class ScoreItem(ImageInput):
+    """One (image, prompt) pair to score, with the rewards to compute for it."""
+
+    prompt: str = Field(max_length=2000)
+    metadata: dict[str, Any] | None = Field(
+        default=None, description="GenEval-style {'include': [...], 'exclude': [...]} replaces prompt parsing"
+    )
+    rewards: RewardSpec | None = Field(default=None, description="names, or {name: weight}; default: the service's")
+    profile: str | None = Field(default=None, description="named threshold profile: 'train' or 'benchmark'")
+
+    model_config = ConfigDict(
+        extra="forbid",
+        # BentoML's OpenAPI schema takes the singular OpenAPI 3.0 `example`.
+        json_schema_extra={
+            "example": {"image": EXAMPLE_IMAGE, "prompt": "four people and a bus", "rewards": {"matching": 1.0}}
+        },
+    )
+
+
+class MatchItem(ScoreItem):
+    """One (image, prompt) pair for the detection matching score with a chosen variant."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "example": {"image": EXAMPLE_IMAGE, "prompt": "a photo of two clocks", "variant": "geneval"}
+        },
+    )
+
+    variant: Literal["seed", "soft", "geneval", "numeracy", "layout"] = "seed"
+    rewards: None = Field(default=None, exclude=True)
+
+
+class ItemResult(BaseModel):
+    """Per-item answer. `error` set means the item failed (wholly or for some rewards): its values are None."""
+
+    rewards: dict[str, float | None]
+    total: float | None
+    details: dict[str, Any]
+    error: str | None = None
+    error_code: str | None = Field(default=None, description="machine-readable code of the first error")
+    profile: str
+    versions: dict[str, str]
+
+
+class MatchResult(BaseModel):
+    score: float | None
+    variant: str
+    details: dict[str, Any]
+    error: str | None = None
+    error_code: str | None = None
+    profile: str
+    versions: dict[str, str]
+
+
+class RankGroup(BaseModel):
+    """N candidate images for one prompt (e.g. N samples of a diffusion model)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"example": {"prompt": "three dogs", "candidates": [{"image": EXAMPLE_IMAGE}] * 2}},
+    )
+
+    prompt: str = Field(max_length=2000)
+    candidates: list[ImageInput] = Field(min_length=1, max_length=64)
+    metadata: dict[str, Any] | None = None
+
+
+class RankResult(BaseModel):
+    scores: list[float | None] = Field(description="total reward per candidate; None where it failed")
+    order: list[int] = Field(description="scored candidates, best first; ties keep the lower index first")
+    chosen: int | None = Field(description="best candidate (DPO 'chosen'); None with fewer than 2 scored")
+    rejected: int | None = Field(description="worst candidate (DPO 'rejected'); None with fewer than 2 scored")
+    candidates: list[ItemResult]

@@ -1,0 +1,63 @@
+"""Service configuration: defaults that run offline on the embedded detector, overridable by REWARDSCOPE_* env.
+Threshold profiles are named here so responses can echo a name instead of loose numbers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+MATCHING_FAMILY = ("matching", "geneval", "numeracy")
+
+# `train`: the seed paper's thresholds. `benchmark`: GenEval's stricter 0.3 confidence.
+PROFILES: dict[str, dict[str, Any]] = {
+    "train": {"conf_threshold": 0.25, "iou_threshold": 0.45},
+    "benchmark": {"conf_threshold": 0.3, "iou_threshold": 0.45},
+}
+
+
+class ServiceSettings(BaseModel):
+    rewards: list[str] = Field(default_factory=lambda: ["matching"], description="rewards loaded and the default set")
+    detector: str | None = Field(default=None, description="ONNX detector path; None: embedded YOLOv3-tiny")
+    profile: str = "train"
+    max_batch_size: int = 32
+    # BentoML sheds (503) requests it predicts cannot finish within this bound: it is a latency budget, not a wait.
+    max_latency_ms: int = 20000
+    max_items: int = 256
+    max_request_bytes: int = 64 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    max_concurrency: int = 64
+    timeout_s: int = 300
+    token: str | None = Field(default=None, description="bearer token; required for non-loopback listening")
+    golden: Path | None = Field(default=None, description="golden expectations file; None: the bundled one")
+    golden_check: bool = True
+    retry_after_s: int = 1
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> ServiceSettings:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, field in cls.model_fields.items():
+            raw = env.get(f"REWARDSCOPE_{name.upper()}")
+            if raw is None or raw == "":
+                continue
+            if name == "rewards":
+                values[name] = [part.strip() for part in raw.split(",") if part.strip()]
+            elif field.annotation is bool:
+                values[name] = raw.lower() in ("1", "true", "yes", "on")
+            else:
+                values[name] = raw
+        settings = cls(**values)
+        if settings.profile not in PROFILES:
+            raise ValueError(f"unknown profile {settings.profile!r}; choose from {', '.join(PROFILES)}")
+        return settings
+
+    def reward_config(self, rewards: list[str], profile: str) -> dict[str, dict[str, Any]]:
+        """Per-reward keyword config for a Scorer: the profile's thresholds for the matching family."""
+        config: dict[str, dict[str, Any]] = {}
+        for name in rewards:
+            if name in MATCHING_FAMILY:
+                config[name] = {**PROFILES[profile], "detector": self.detector, "batch_size": self.max_batch_size}
+        return config

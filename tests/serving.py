@@ -1,0 +1,65 @@
+"""Start and stop a real `rewardscope serve` (BentoML) on a free 127.0.0.1 port for end-to-end tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(env: dict[str, str] | None = None, ready: bool = True, timeout: float = 180) -> Iterator[str]:
+    """Yield the base URL of a served RewardService; ready=False waits only for /livez (not-ready tests)."""
+    port = free_port()
+    log = tempfile.NamedTemporaryFile(prefix="rewardscope-serve-", suffix=".log", delete=False)
+    environment = {
+        **os.environ,
+        "BENTOML_DO_NOT_TRACK": "true",
+        "BENTOML_HOME": os.environ.get("BENTOML_HOME") or tempfile.mkdtemp(prefix="bentoml-home-"),
+        **(env or {}),
+    }
+    command = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    probe = "/readyz" if ready else "/livez"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}:\n{Path(log.name).read_text()[-3000:]}")
+            try:
+                if httpx.get(base_url + probe, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not up after {timeout}s:\n{Path(log.name).read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield base_url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
