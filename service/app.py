@@ -31,7 +31,8 @@ BATCHING = {"batchable": True, "max_batch_size": SETTINGS.max_batch_size, "max_l
 @bentoml.service(
     name="rewardscope",
     workers=1,
-    traffic={"timeout": SETTINGS.timeout_s, "max_concurrency": SETTINGS.max_concurrency},
+    # Admission control is GuardMiddleware's (503 + Retry-After); BentoML's own limit would answer 429 bare.
+    traffic={"timeout": SETTINGS.timeout_s},
 )
 class RewardService:
     def __init__(self) -> None:
@@ -118,4 +119,5 @@ RewardService.add_asgi_middleware(
     token=SETTINGS.token,
     max_request_bytes=SETTINGS.max_request_bytes,
     retry_after_s=SETTINGS.retry_after_s,
+    max_inflight=SETTINGS.max_concurrency,
 )

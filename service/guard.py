@@ -1,5 +1,6 @@
-"""ASGI middleware in front of every endpoint: bearer-token auth, request-size limit, and Retry-After
-on 503 so that clients back off instead of hammering an overloaded service."""
+"""ASGI middleware in front of every endpoint: bearer-token auth, request-size limit, and load shedding:
+beyond max_inflight requests in flight the service answers 503 with Retry-After at once, instead of queueing
+without bound, so clients back off."""
 
 from __future__ import annotations
 
@@ -36,9 +37,16 @@ async def _send_json(send: Send, status: int, payload: dict[str, Any], headers: 
 
 class GuardMiddleware:
     def __init__(
-        self, app: ASGIApp, token: str | None = None, max_request_bytes: int = 64 << 20, retry_after_s: int = 1
+        self,
+        app: ASGIApp,
+        token: str | None = None,
+        max_request_bytes: int = 64 << 20,
+        retry_after_s: int = 1,
+        max_inflight: int | None = None,
     ):
         self.app = app
+        self.max_inflight = max_inflight
+        self.inflight = 0  # one event loop per worker: a plain int is safe
         self.token = token.encode() if token else None
         self.max_request_bytes = max_request_bytes
         self.retry_after = str(retry_after_s).encode()
@@ -65,6 +73,24 @@ class GuardMiddleware:
             await _send_json(send, 413, {"error": f"request body exceeds {self.max_request_bytes} bytes"})
             return
 
+        shed = scope.get("method") == "POST" and self.max_inflight is not None
+        if shed and self.inflight >= self.max_inflight:
+            await _send_json(
+                send,
+                503,
+                {"error": f"overloaded: {self.inflight} requests in flight; retry later"},
+                [(b"retry-after", self.retry_after)],
+            )
+            return
+        if shed:
+            self.inflight += 1
+        try:
+            await self._guarded(scope, receive, send)
+        finally:
+            if shed:
+                self.inflight -= 1
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         received = 0
         started = False
 

@@ -22,7 +22,8 @@ class ServiceSettings(BaseModel):
     rewards: list[str] = Field(default_factory=lambda: ["matching"], description="rewards loaded and the default set")
     detector: str | None = Field(default=None, description="ONNX detector path; None: embedded YOLOv3-tiny")
     profile: str = "train"
-    max_batch_size: int = 32
+    # On CPU small batches keep decoding and inference overlapped (measured in benchmarks/RESULTS.md); raise on GPUs.
+    max_batch_size: int = 8
     # BentoML sheds (503) requests it predicts cannot finish within this bound: it is a latency budget, not a wait.
     max_latency_ms: int = 20000
     max_items: int = 256

@@ -17,9 +17,9 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from serving import ROOT, running_server
 
 from models import Scorer
-from serving import ROOT, running_server
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-token-123"

@@ -1,0 +1,21 @@
+"""Python client of the rewardscope reward-scoring service: sync and async clients, image transport,
+and reward functions for RL trainers (rewardscope_client.adapters). torch is optional and imported lazily."""
+
+from ._version import __version__
+from .client import AsyncRewardClient, RewardClient
+from .images import encode_image, encode_images, split_images, to_uint8
+from .protocol import RetryPolicy
+from .results import RewardServiceError, ScoreBatch
+
+__all__ = [
+    "AsyncRewardClient",
+    "RetryPolicy",
+    "RewardClient",
+    "RewardServiceError",
+    "ScoreBatch",
+    "__version__",
+    "encode_image",
+    "encode_images",
+    "split_images",
+    "to_uint8",
+]
