@@ -3,6 +3,7 @@ Modelled on timm's registry: listing what exists and building one by name are on
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -33,9 +34,15 @@ def register_reward(name: str) -> Callable[[Callable[..., Reward]], Callable[...
     return decorate
 
 
+# Modules whose import registers built-in rewards (their @register_reward decorators run on import).
+BUILTIN_REWARD_MODULES = (
+    "models.detection.matching",
+)
+
+
 def _load_builtin_rewards() -> None:
-    # Importing the modules runs their @register_reward decorators.
-    from .detection import matching  # noqa: F401
+    for module in BUILTIN_REWARD_MODULES:
+        importlib.import_module(module)
 
 
 def list_rewards() -> list[str]:

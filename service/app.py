@@ -3,12 +3,16 @@ the work itself lives in service/engine.py. Configure with REWARDSCOPE_* environ
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 from typing import Annotated
 
 import bentoml
 from pydantic import Field
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -108,9 +112,42 @@ async def golden_view(_: Request) -> JSONResponse:
     )
 
 
+async def score_upload_view(request: Request) -> JSONResponse:
+    """Multipart /score: files in `images` (one part each), `prompts` a JSON list of strings, optional
+    `rewards` (JSON list or object) and `profile`. Parsed here, not by BentoML's multipart serde, because
+    that one downloads any string given for a file field: a URL fetch driven by request data."""
+    engine = _INFO.engine
+    if engine is None:
+        return JSONResponse({"error": "service is starting"}, status_code=503)
+    async with request.form(max_files=SETTINGS.max_items, max_fields=16) as form:
+        files = form.getlist("images")
+        if not files or not all(isinstance(part, UploadFile) for part in files):
+            return JSONResponse({"error": "send the images as file parts named 'images'"}, status_code=422)
+        try:
+            prompts = json.loads(str(form.get("prompts", "")))
+            rewards = json.loads(str(form["rewards"])) if "rewards" in form else None
+            items = [
+                ScoreItem(
+                    image=base64.b64encode(await part.read()).decode(),
+                    prompt=prompt,
+                    rewards=rewards,
+                    profile=form.get("profile") or None,
+                )
+                for part, prompt in zip(files, prompts, strict=True)
+            ]
+        except (ValueError, TypeError) as exc:  # bad JSON, prompt count mismatch, schema violations
+            return JSONResponse({"error": f"bad multipart request: {exc}"}, status_code=422)
+    results = await run_in_threadpool(engine.score, items)
+    return JSONResponse([result.model_dump() for result in results])
+
+
 RewardService.mount_asgi_app(
     Starlette(
-        routes=[Route("/rewards", rewards_view, methods=["GET"]), Route("/golden", golden_view, methods=["GET"])]
+        routes=[
+            Route("/rewards", rewards_view, methods=["GET"]),
+            Route("/golden", golden_view, methods=["GET"]),
+            Route("/score/upload", score_upload_view, methods=["POST"]),
+        ]
     ),
     path="/",
 )

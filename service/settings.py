@@ -3,6 +3,7 @@ Threshold profiles are named here so responses can echo a name instead of loose 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,10 @@ PROFILES: dict[str, dict[str, Any]] = {
 class ServiceSettings(BaseModel):
     rewards: list[str] = Field(default_factory=lambda: ["matching"], description="rewards loaded and the default set")
     detector: str | None = Field(default=None, description="ONNX detector path; None: embedded YOLOv3-tiny")
+    config: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="per-reward keyword config, e.g. model directories: REWARDSCOPE_CONFIG='{\"caption\": {...}}'",
+    )
     profile: str = "train"
     # On CPU small batches keep decoding and inference overlapped (measured in benchmarks/RESULTS.md); raise on GPUs.
     max_batch_size: int = 8
@@ -46,6 +51,8 @@ class ServiceSettings(BaseModel):
                 continue
             if name == "rewards":
                 values[name] = [part.strip() for part in raw.split(",") if part.strip()]
+            elif name == "config":
+                values[name] = json.loads(raw)
             elif field.annotation is bool:
                 values[name] = raw.lower() in ("1", "true", "yes", "on")
             else:
@@ -59,6 +66,7 @@ class ServiceSettings(BaseModel):
         """Per-reward keyword config for a Scorer: the profile's thresholds for the matching family."""
         config: dict[str, dict[str, Any]] = {}
         for name in rewards:
+            config[name] = dict(self.config.get(name, {}))
             if name in MATCHING_FAMILY:
-                config[name] = {**PROFILES[profile], "detector": self.detector, "batch_size": self.max_batch_size}
+                config[name].update(PROFILES[profile], detector=self.detector, batch_size=self.max_batch_size)
         return config

@@ -236,3 +236,44 @@ def test_bentoml_build_accepts_the_bentofile(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "rewardscope:" in result.stdout
+
+
+def test_multipart_upload_scores_like_json(http, bus_path, zidane):
+    files = [
+        ("images", ("bus.jpg", bus_path.read_bytes(), "image/jpeg")),
+        ("images", ("z.jpg", jpeg(zidane), "image/jpeg")),
+    ]
+    data = {"prompts": json.dumps(["four people and a bus", "two people"]), "profile": "benchmark"}
+    uploaded = http.post("/score/upload", files=files, data=data)
+    assert uploaded.status_code == 200
+    as_json = http.post(
+        "/score",
+        json={
+            "items": [
+                {"image": b64(bus_path.read_bytes()), "prompt": "four people and a bus", "profile": "benchmark"},
+                {"image": b64(jpeg(zidane)), "prompt": "two people", "profile": "benchmark"},
+            ]
+        },
+    ).json()
+    assert [r["rewards"] for r in uploaded.json()] == [r["rewards"] for r in as_json]
+    assert uploaded.json()[0]["profile"] == "benchmark"
+
+
+@pytest.mark.parametrize(
+    "files, data",
+    [
+        ([], {"prompts": '["a cat"]'}),
+        ([("images", ("a.png", b"x", "image/png"))], {"prompts": "not json"}),
+        ([("images", ("a.png", b"x", "image/png"))], {"prompts": '["one", "two"]'}),
+    ],
+    ids=["no-files", "bad-prompts", "count-mismatch"],
+)
+def test_bad_multipart_requests_are_422(http, files, data):
+    response = http.post("/score/upload", files=files or None, data=data)
+    assert response.status_code == 422 and response.json()["error"]
+
+
+def test_a_url_in_place_of_a_file_is_never_fetched(http):
+    # BentoML's own multipart parsing would download this; ours refuses non-file parts.
+    response = http.post("/score/upload", data={"images": "http://127.0.0.1:9/secret.png", "prompts": '["a cat"]'})
+    assert response.status_code == 422

@@ -188,6 +188,8 @@ class MatchingReward:
                 "iou_threshold": self.iou_threshold,
                 "max_detections": self.max_detections,
             },
+            # The ONNX detector runs in fp32 on every provider; post-processing follows the candidates' dtype.
+            "precision": "fp32",
             "range": [0.0, 1.0],
             "direction": "higher is better",
             "scale": SCALES[self.variant],
