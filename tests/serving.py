@@ -32,7 +32,8 @@ def running_server(env: dict[str, str] | None = None, ready: bool = True, timeou
     environment = {
         **os.environ,
         "BENTOML_DO_NOT_TRACK": "true",
-        "BENTOML_HOME": os.environ.get("BENTOML_HOME") or tempfile.mkdtemp(prefix="bentoml-home-"),
+        # Each server its own BentoML home: two servers sharing one clash on the task store's sqlite file.
+        "BENTOML_HOME": tempfile.mkdtemp(prefix="bentoml-home-"),
         **(env or {}),
     }
     command = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]

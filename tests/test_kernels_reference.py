@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 import torchvision
+from oracles import brute_force_pmf
 
 from kernels import box_match, poisson_binomial
 
@@ -93,16 +92,6 @@ def test_boxes_far_apart_in_different_images_do_not_suppress_each_other():
     candidates[:, 0, 4] = 0.9
     match = box_match(candidates, torch.tensor([[0], [0]]), torch.tensor([[1], [1]]))
     assert match.counts.tolist() == [[1], [1]]
-
-
-def brute_force_pmf(probabilities):
-    pmf = [0.0] * (len(probabilities) + 1)
-    for outcome in itertools.product([0, 1], repeat=len(probabilities)):
-        weight = 1.0
-        for hit, p in zip(outcome, probabilities, strict=True):
-            weight *= p if hit else 1 - p
-        pmf[sum(outcome)] += weight
-    return pmf
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,6 @@ import os
 # these tests run the kernels on CPU tensors, so they need the interpreter either way.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import itertools  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 
@@ -18,6 +17,8 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 
 pytest.importorskip("triton")
+
+from oracles import brute_force_pmf  # noqa: E402
 
 import kernels  # noqa: E402
 from kernels import BoxMatch, LayoutMatch, reference  # noqa: E402
@@ -198,16 +199,6 @@ def test_equal_scores_break_ties_in_topk_order_on_both_backends():
     for box_match in BOX_MATCH_BACKENDS.values():
         match = box_match(candidates, torch.tensor([[0]]), torch.tensor([[1]]))
         assert match.num_kept.tolist() == [1] and match.keep_indices[0, 0] == first
-
-
-def brute_force_pmf(probabilities):
-    pmf = [0.0] * (len(probabilities) + 1)
-    for outcome in itertools.product([0, 1], repeat=len(probabilities)):
-        weight = 1.0
-        for hit, p in zip(outcome, probabilities, strict=True):
-            weight *= p if hit else 1 - p
-        pmf[sum(outcome)] += weight
-    return pmf
 
 
 @pytest.mark.parametrize(

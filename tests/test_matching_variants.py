@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
+from oracles import brute_force_pmf
 
 from models import create_reward
 from models.detection.matching import f1_score
 from models.types import Sample
-
-
-def exact_count_probability(scores: list[float], count: int) -> float:
-    total = 0.0
-    for outcome in itertools.product([0, 1], repeat=len(scores)):
-        if sum(outcome) == count:
-            weight = 1.0
-            for hit, p in zip(outcome, scores, strict=True):
-                weight *= p if hit else 1 - p
-            total += weight
-    return total
 
 
 def test_f1_score_uses_the_given_quantity_confidence():
@@ -43,7 +31,7 @@ def test_soft_quantity_is_the_poisson_binomial_probability_of_the_requested_coun
     details = output.details
     people = [d["score"] for d in details["detections"] if d["class"] == "person"]
     (person,) = details["objects"]
-    assert person["quantity_confidence"] == pytest.approx(exact_count_probability(people, count), abs=1e-3)
+    assert person["quantity_confidence"] == pytest.approx(brute_force_pmf(people)[count], abs=1e-3)
     c, q = details["category_confidence"], details["quantity_confidence"]
     assert output.value == pytest.approx(2 * c * q / (c + q))
 
