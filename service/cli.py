@@ -1,4 +1,4 @@
-"""The `rewardscope` command line: demo, score images, export detectors.
+"""The `rewardscope` command line: demo, score images, export detectors, train a feedback reward, DPO pairs.
 Every subcommand goes through the Scorer (or the exporter); nothing here knows model internals."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,20 +50,78 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    if len(args.paths) == 1 and Path(args.paths[0]).is_dir():
+        return cmd_score_folder(args)
     from models import Scorer
 
-    prompts = args.prompt * len(args.images) if len(args.prompt) == 1 else args.prompt
-    if len(prompts) != len(args.images):
+    if not args.prompt:
+        print("scoring image files needs --prompt (once for all images, or once per image)", file=sys.stderr)
+        return 2
+    prompts = args.prompt * len(args.paths) if len(args.prompt) == 1 else args.prompt
+    if len(prompts) != len(args.paths):
         print("give one --prompt for all images or one per image", file=sys.stderr)
         return 2
-    weights = dict(_parse_weight(item) for item in args.rewards)
-    config = {name: {"variant": args.variant} for name in weights if name == "matching"}
-    scorer = Scorer(weights, config=config)
-    for start in range(0, len(args.images), args.batch_size):
-        images = args.images[start : start + args.batch_size]
+    weights = dict(_parse_weight(item) for item in args.rewards or ["matching"])
+    scorer = Scorer(weights, config=_reward_config(weights, args.variant))
+    for start in range(0, len(args.paths), args.batch_size):
+        images = args.paths[start : start + args.batch_size]
         batch_prompts = prompts[start : start + args.batch_size]
         for path, prompt, result in zip(images, batch_prompts, scorer.score(images, batch_prompts), strict=True):
             print(json.dumps({"image": path, "prompt": prompt, **result.to_dict()}), flush=True)
+    return 0
+
+
+def _reward_config(weights: dict[str, float], variant: str | None) -> dict[str, dict]:
+    return {"matching": {"variant": variant}} if variant and "matching" in weights else {}
+
+
+def cmd_score_folder(args: argparse.Namespace) -> int:
+    """Score a folder into --out (JSONL + Parquet + run.json), resumably; print the summary."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from . import folders
+
+    root = Path(args.paths[0])
+    layout, items = folders.folder_items(root, args.layout, Path(args.prompts) if args.prompts else None)
+    default = ["geneval"] if layout == "geneval" else ["matching"]
+    weights = dict(_parse_weight(item) for item in args.rewards or default)
+    out_dir = Path(args.out) if args.out else root.with_name(root.name + ".rewardscope")
+    if args.server:
+        from rewardscope_client import RewardClient
+
+        client = RewardClient(args.server, token=os.environ.get("REWARDSCOPE_TOKEN"), chunk_size=args.batch_size)
+        backend: folders.Backend = folders.ClientBackend(client, weights)
+    else:
+        from models import Scorer
+
+        backend = folders.ScorerBackend(Scorer(weights, config=_reward_config(weights, args.variant)))
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"))
+    with Progress(*columns, TimeRemainingColumn(), disable=args.no_progress) as progress:
+        task = progress.add_task(f"scoring {root.name} ({layout})", total=len(items), rate="")
+        started = time.perf_counter()
+        done = 0
+
+        def advance(count: int) -> None:
+            nonlocal done
+            done += count
+            progress.update(task, advance=count, rate=f"{done / (time.perf_counter() - started):.1f} img/s")
+
+        stats = folders.score_items(items, backend, out_dir, args.batch_size, on_batch=advance)
+        progress.update(task, completed=stats.skipped + stats.scored)
+    rows = folders.read_rows(out_dir)
+    config = {"root": str(root), "layout": layout, "rewards": weights, "variant": args.variant, "server": args.server}
+    folders.write_run_config(out_dir, config, backend.versions())
+    folders.write_parquet(out_dir, rows)
+    summary = folders.summarise(rows, geneval_reward="geneval" if "geneval" in weights else None)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(folders.format_summary(summary))
+    if args.report:
+        from .report import write_report
+
+        print(f"report: {write_report(rows, Path(args.report), backend.versions())}")
+    if stats.interrupted:
+        print(f"interrupted: {len(rows)} of {len(items)} rows written; rerun to resume", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -83,6 +142,83 @@ def cmd_export_detector(args: argparse.Namespace) -> int:
         names = [line.strip() for line in Path(args.names).read_text().splitlines() if line.strip()]
     path = export_ultralytics(args.model, args.output, imgsz=args.imgsz, batch=args.batch, names=names)
     print(path)
+    return 0
+
+
+def cmd_train_reward(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from models.feedback import TrainConfig, train_feedback_reward
+
+    config = TrainConfig(
+        clip_model=args.clip_model,
+        clip_processor=args.clip_processor,
+        hidden=args.hidden,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        validation_fraction=args.val_fraction,
+        patience=args.patience,
+        seed=args.seed,
+        aux_weight=args.aux_weight,
+        aux_negatives=args.aux_negatives,
+        device=args.device,
+    )
+    report = train_feedback_reward(args.labels, args.output, config, show_progress=not args.quiet)
+    table = Table(title=f"feedback reward: {report.examples} pairs, best epoch {report.best_epoch}/{report.epochs_run}")
+    for column in ("split", "pairs", "loss", "accuracy", "AUC"):
+        table.add_column(column)
+    for split, size, metrics in (
+        ("train", report.train, report.train_metrics),
+        ("validation", report.validation, report.validation_metrics),
+    ):
+        table.add_row(
+            split,
+            str(size),
+            *(("-" if metrics[k] is None else f"{metrics[k]:.4f}") for k in ("loss", "accuracy", "auc")),
+        )
+    console = Console(stderr=True)
+    console.print(table)
+    console.print(f"saved to {args.output}; serve it with REWARDSCOPE_REWARDS=feedback:{Path(args.output).resolve()}")
+    print(
+        json.dumps({"output": str(args.output), "validation": report.validation_metrics, "train": report.train_metrics})
+    )
+    return 0
+
+
+def cmd_dpo_pairs(args: argparse.Namespace) -> int:
+    from models import Scorer
+    from service.dpo import export_dpo_pairs
+
+    weights = dict(_parse_weight(item) for item in args.rewards)
+    config = json.loads(args.config) if args.config else {}
+    scorer = Scorer(
+        weights, config={name: config.get(name, config.get(name.partition(":")[0], {})) for name in weights}
+    )
+    summary = export_dpo_pairs(
+        args.folder,
+        args.output,
+        scorer,
+        normalization=args.normalization,
+        aggregation=args.aggregation,
+        margin=args.margin,
+        batch_size=args.batch_size,
+    )
+    for error in summary.errors:
+        print(f"error: {error}", file=sys.stderr)
+    print(
+        json.dumps(
+            {
+                "output": str(args.output),
+                "groups": summary.groups,
+                "pairs": summary.pairs,
+                "below_margin": summary.below_margin,
+                "too_few_scored": summary.too_few_scored,
+                "errors": len(summary.errors),
+            }
+        )
+    )
     return 0
 
 
@@ -125,12 +261,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--conf", type=float, default=0.25, help="detection confidence threshold")
     demo.set_defaults(run=cmd_demo)
 
-    score = commands.add_parser("score", help="score image files against prompts; JSON lines on stdout")
-    score.add_argument("images", nargs="+")
-    score.add_argument("--prompt", action="append", required=True, help="once for all images, or once per image")
-    score.add_argument("--rewards", nargs="+", default=["matching"], help="names, optionally name=weight")
-    score.add_argument("--variant", default="seed", choices=("seed", "geneval", "numeracy"))
+    score = commands.add_parser(
+        "score", help="score a folder (resumable; JSONL + Parquet + summary) or image files (JSON lines)"
+    )
+    score.add_argument("paths", nargs="+", help="one folder, or image files")
+    score.add_argument("--prompt", action="append", help="for image files: once for all, or once per image")
+    score.add_argument("--rewards", nargs="+", help="names, optionally name=weight (default: matching; geneval)")
+    score.add_argument("--variant", choices=("seed", "soft", "geneval", "numeracy", "layout"))
     score.add_argument("--batch-size", type=int, default=8)
+    score.add_argument("--layout", default="auto", choices=("auto", "flat", "geneval", "t2i-compbench"))
+    score.add_argument("--prompts", help="flat folders: CSV/JSONL mapping file name -> prompt (and metadata)")
+    score.add_argument("--out", help="results folder (default: <folder>.rewardscope beside it)")
+    score.add_argument("--server", help="score through a running service at this URL instead of in-process")
+    score.add_argument("--report", help="write a static HTML report into this folder")
+    score.add_argument("--no-progress", action="store_true")
     score.set_defaults(run=cmd_score)
 
     export = commands.add_parser("export-detector", help="export an ultralytics model (.pt/.yaml) to ONNX")
@@ -140,6 +284,37 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--batch", type=int, default=1, help="fixed batch size baked into the export")
     export.add_argument("--names", help="'coco' or a file with one class name per line (for .yaml models)")
     export.set_defaults(run=cmd_export_detector)
+
+    train = commands.add_parser(
+        "train-reward", help="train a feedback reward on (image, prompt, label 0/1) rows; serve as feedback:DIR"
+    )
+    train.add_argument("labels", help="JSONL or CSV with image, prompt, label (relative paths: beside the file)")
+    train.add_argument("--output", required=True, help="directory for head.safetensors, config.json, report.json")
+    train.add_argument("--clip-model", default="openai/clip-vit-large-patch14", help="hub id (local cache) or dir")
+    train.add_argument("--clip-processor", default=None, help="processor hub id or dir (default: the model's)")
+    train.add_argument("--hidden", type=int, default=256)
+    train.add_argument("--epochs", type=int, default=200)
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--val-fraction", type=float, default=0.2, help="share of images held out (seeded)")
+    train.add_argument("--patience", type=int, default=20, help="early stopping: epochs without a better val loss")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--aux-weight", type=float, default=0.0, help="prompt-classification loss weight (Lee et al.)")
+    train.add_argument("--aux-negatives", type=int, default=3, help="perturbed prompts per positive pair")
+    train.add_argument("--device", default=None)
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(run=cmd_train_reward)
+
+    dpo = commands.add_parser("dpo-pairs", help="best/worst of N candidates per prompt -> Parquet (Pick-a-Pic v2)")
+    dpo.add_argument("folder", help="DIR/<prompt_id>/{prompt.txt,*.png} or DIR/*.png + DIR/prompts.jsonl")
+    dpo.add_argument("--output", required=True, help="target .parquet file")
+    dpo.add_argument("--rewards", nargs="+", default=["matching"], help="names, optionally name=weight")
+    dpo.add_argument("--config", default=None, help='per-reward config as JSON: \'{"clip": {"model": "..."}}\'')
+    dpo.add_argument("--normalization", default="none", choices=("none", "zscore", "rank"))
+    dpo.add_argument("--aggregation", default="weighted_sum", choices=("weighted_sum", "rank_sum"))
+    dpo.add_argument("--margin", type=float, default=0.0, help="drop pairs whose score gap is below this")
+    dpo.add_argument("--batch-size", type=int, default=32)
+    dpo.set_defaults(run=cmd_dpo_pairs)
     return parser
 
 

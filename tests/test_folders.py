@@ -1,0 +1,216 @@
+"""Folder scoring: layouts, GenEval summary, resume after a kill, server mode, bad files, the HTML report."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from serving import ROOT
+
+from service import folders
+from service.cli import main
+
+GENEVAL_PROMPTS = [
+    # (folder, tag, prompt, include, exclude, image)
+    ("00000", "single_object", "a photo of a bus", [{"class": "bus", "count": 1}], [], "bus.jpg"),
+    ("00001", "single_object", "a photo of a cat", [{"class": "cat", "count": 1}], [], "bus.jpg"),
+    (
+        "00002",
+        "counting",
+        "a photo of two buses",
+        [{"class": "bus", "count": 2}],
+        [{"class": "bus", "count": 3}],
+        "bus.jpg",
+    ),
+    (
+        "00003",
+        "counting",
+        "a photo of three people",
+        [{"class": "person", "count": 3}],
+        [{"class": "person", "count": 4}],
+        "zidane.jpg",
+    ),
+    (
+        "00004",
+        "two_object",
+        "a photo of a person and a tie",
+        [{"class": "person", "count": 1}, {"class": "tie", "count": 1}],
+        [],
+        "zidane.jpg",
+    ),
+]
+
+
+def make_geneval_folder(root: Path, assets: Path, copies: int = 2) -> Path:
+    for folder, tag, prompt, include, exclude, image in GENEVAL_PROMPTS:
+        samples = root / folder / "samples"
+        samples.mkdir(parents=True)
+        metadata = {"tag": tag, "prompt": prompt, "include": include, **({"exclude": exclude} if exclude else {})}
+        (root / folder / "metadata.jsonl").write_text(json.dumps(metadata) + "\n")
+        source = Image.open(assets / image).convert("RGB")
+        for index in range(copies):
+            source.save(samples / f"{index:04d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def assets(bus_path):
+    return bus_path.parent
+
+
+def test_layouts_are_detected(tmp_path, assets):
+    geneval = make_geneval_folder(tmp_path / "g", assets, copies=1)
+    t2i = tmp_path / "t" / "samples"
+    t2i.mkdir(parents=True)
+    shutil.copy(assets / "bus.jpg", t2i / "a bus_000001.png")
+    flat = tmp_path / "f"
+    flat.mkdir()
+    shutil.copy(assets / "bus.jpg", flat / "four_people_0.jpg")
+    assert folders.detect_layout(geneval) == "geneval"
+    assert folders.detect_layout(tmp_path / "t") == "t2i-compbench"
+    _, items = folders.folder_items(tmp_path / "t")
+    assert [(i.key, i.prompt) for i in items] == [("samples/a bus_000001.png", "a bus")]
+    layout, items = folders.folder_items(flat)
+    assert layout == "flat" and [(i.key, i.prompt) for i in items] == [("four_people_0.jpg", "four people")]
+
+
+def test_geneval_folder_summary_equals_a_hand_count(tmp_path, assets, capsys):
+    root = make_geneval_folder(tmp_path / "geneval", assets)
+    out = tmp_path / "out"
+    assert main(["score", str(root), "--out", str(out), "--no-progress"]) == 0
+    rows = folders.read_rows(out)
+    assert len(rows) == 10 and len({row["key"] for row in rows}) == 10
+    verdict = {row["key"]: row["rewards"]["geneval"] for row in rows}
+    # The anchors we know from the photos: the bus is there, no cat, one bus only.
+    assert verdict["00000/samples/0000.png"] == 1.0 and verdict["00001/samples/0000.png"] == 0.0
+    assert verdict["00002/samples/0001.png"] == 0.0
+    summary = json.loads((out / "summary.json").read_text())["geneval"]
+    by_tag: dict[str, list[float]] = {}
+    for row in rows:
+        by_tag.setdefault(row["tag"], []).append(row["rewards"]["geneval"])
+    assert summary["total_images"] == 10 and summary["total_prompts"] == 5
+    assert summary["correct_images"] == pytest.approx(sum(verdict.values()) / 10)
+    for tag, values in by_tag.items():
+        assert summary["tasks"][tag]["accuracy"] == pytest.approx(sum(values) / len(values))
+    assert summary["overall"] == pytest.approx(sum(sum(v) / len(v) for v in by_tag.values()) / len(by_tag))
+    printed = capsys.readouterr().out
+    assert "Overall score (avg. over tasks)" in printed and "% correct images" in printed
+    table = __import__("pyarrow.parquet", fromlist=["read_table"]).read_table(out / "results.parquet")
+    assert table.num_rows == 10 and "reward_geneval" in table.column_names
+    run = json.loads((out / "run.json").read_text())
+    assert run["layout"] == "geneval" and run["versions"]["geneval"].startswith("yolov3-tiny-darknet@")
+
+
+def test_t2i_compbench_numeracy_folder(tmp_path, assets):
+    samples = tmp_path / "t2i" / "samples"
+    samples.mkdir(parents=True)
+    for index in range(3):
+        shutil.copy(assets / "bus.jpg", samples / f"four people and a bus_{index:06d}.png")
+        shutil.copy(assets / "zidane.jpg", samples / f"two cats_{index:06d}.png")
+    out = tmp_path / "out"
+    assert main(["score", str(tmp_path / "t2i"), "--out", str(out), "--rewards", "numeracy", "--no-progress"]) == 0
+    rows = {row["key"]: row for row in folders.read_rows(out)}
+    assert len(rows) == 6
+    assert rows["samples/four people and a bus_000000.png"]["rewards"]["numeracy"] == 1.0
+    assert rows["samples/two cats_000002.png"]["rewards"]["numeracy"] == 0.0
+    mean = json.loads((out / "summary.json").read_text())["mean"]["numeracy"]
+    assert mean == pytest.approx(sum(r["rewards"]["numeracy"] for r in rows.values()) / 6)
+
+
+def test_bad_files_are_reported_per_row_and_the_run_goes_on(tmp_path, assets):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(assets / "bus.jpg", flat / "a_bus.jpg")
+    (flat / "truncated.jpg").write_bytes((assets / "bus.jpg").read_bytes()[:2000])
+    (flat / "empty.png").write_bytes(b"")
+    (flat / "notes.png").write_text("this is text, not a picture")
+    out = tmp_path / "out"
+    assert main(["score", str(flat), "--out", str(out), "--no-progress"]) == 0
+    rows = {row["key"]: row for row in folders.read_rows(out)}
+    assert rows["a_bus.jpg"]["error"] is None and rows["a_bus.jpg"]["rewards"]["matching"] > 0
+    for key, code in [("truncated.jpg", "decode_failed"), ("empty.png", "empty"), ("notes.png", "unsupported_format")]:
+        assert rows[key]["rewards"]["matching"] is None and rows[key]["error_code"] == code, rows[key]
+
+
+def test_a_killed_run_resumes_to_exactly_the_uninterrupted_rows(tmp_path, assets):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for index in range(24):
+        shutil.copy(assets / ("bus.jpg" if index % 2 else "zidane.jpg"), flat / f"four_people_{index:03d}.jpg")
+    command = [sys.executable, "-m", "service.cli", "score", str(flat), "--batch-size", "4", "--no-progress"]
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    process = subprocess.Popen([*command, "--out", str(killed)], cwd=ROOT, start_new_session=True)
+    results = killed / folders.RESULTS_FILE
+    deadline = time.monotonic() + 120
+    while not (results.exists() and results.read_text().count("\n") >= 8):
+        assert process.poll() is None and time.monotonic() < deadline, "run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert results.read_text().count("\n") < 24
+    subprocess.run([*command, "--out", str(killed)], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([*command, "--out", str(clean)], cwd=ROOT, check=True, capture_output=True)
+    resumed = sorted(folders.read_rows(killed), key=lambda row: row["key"])
+    uninterrupted = sorted(folders.read_rows(clean), key=lambda row: row["key"])
+    assert [row["key"] for row in resumed] == sorted(path.name for path in flat.iterdir())
+    assert resumed == uninterrupted
+
+
+def test_a_torn_last_line_is_cut_on_resume(tmp_path):
+    path = tmp_path / folders.RESULTS_FILE
+    path.write_text('{"key": "a.png"}\n{"key": "b.pn')
+    writer = folders.ResultsWriter(path)
+    writer.close()
+    assert writer.done == {"a.png"} and path.read_text() == '{"key": "a.png"}\n'
+
+
+@pytest.mark.slow
+def test_server_mode_gives_the_same_rows_as_in_process(tmp_path, assets):
+    from serving import running_server
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(assets / "bus.jpg", flat / "four_people.jpg")
+    shutil.copy(assets / "zidane.jpg", flat / "two_people.jpg")
+    (flat / "broken.png").write_bytes(b"\x89PNG not really")
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    assert main(["score", str(flat), "--out", str(local), "--no-progress"]) == 0
+    with running_server() as base_url:
+        assert main(["score", str(flat), "--out", str(remote), "--server", base_url, "--no-progress"]) == 0
+    strip = lambda rows: sorted(({k: r[k] for k in ("key", "rewards", "total", "error_code")} for r in rows), key=str)  # noqa: E731
+    assert strip(folders.read_rows(local)) == strip(folders.read_rows(remote))
+
+
+def test_report_has_thumbnails_and_plots(tmp_path, assets):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(assets / "bus.jpg", flat / "four_people.jpg")
+    shutil.copy(assets / "zidane.jpg", flat / "two_people.jpg")
+    (flat / "broken.png").write_bytes(b"")
+    report = tmp_path / "report"
+    assert main(["score", str(flat), "--out", str(tmp_path / "out"), "--report", str(report), "--no-progress"]) == 0
+    page = (report / "index.html").read_text()
+    assert page.count("<img class=thumb") == 2 and "unreadable" in page
+    for plot in ("dist_matching.png", "per_class_accuracy.png"):
+        assert (report / plot).stat().st_size > 1000 and Image.open(report / plot).size[0] > 100
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+         f"--screenshot={shot}", "--window-size=1200,900", (report / "index.html").as_uri()],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    pixels = Image.open(shot).convert("RGB")
+    # Thumbnails are photos: the page is not a blank white/grey sheet.
+    assert len(set(pixels.resize((120, 90)).getdata())) > 500
