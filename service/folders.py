@@ -343,3 +343,65 @@ def format_summary(summary: dict[str, Any]) -> str:
             lines.append(f"{tag:<16} = {task['accuracy']:.2%} ({task['correct']} / {task['total']})")
         lines.append(f"\nOverall score (avg. over tasks): {geneval['overall']:.5f}")
     return "\n".join(lines)
+
+
+def score_items_ray(
+    items: Sequence[FolderItem],
+    rewards: dict[str, float],
+    config: dict[str, dict[str, Any]],
+    out_dir: Path,
+    batch_size: int = 8,
+    actors: int = 1,
+    gpus_per_actor: float = 0,
+    address: str | None = None,
+) -> RunStats:
+    """The same rows through Ray Data: read the item list, map_batches the Scorer in an actor pool (each actor
+    loads the models once), collect and write them with the same resumable writer. address: an existing
+    cluster ("auto" or ray://...), else a local instance."""
+    import ray
+
+    from models import Scorer
+
+    writer = ResultsWriter(out_dir / RESULTS_FILE)
+    todo = [item for item in items if item.key not in writer.done]
+    stats = RunStats(skipped=len(items) - len(todo))
+    if not todo:
+        writer.close()
+        return stats
+    started = time.perf_counter()
+    if not ray.is_initialized():
+        ray.init(address=address, num_cpus=None if address else os.cpu_count(), include_dashboard=False)
+
+    class ScoreActor:
+        def __init__(self) -> None:
+            self.scorer = Scorer(rewards, config=config)
+
+        def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+            metadata = [json.loads(text) if text else None for text in batch["metadata"]]
+            results = self.scorer.score([Path(p) for p in batch["path"]], list(batch["prompt"]), metadata)
+            return {"key": batch["key"], "result": [json.dumps(result.to_dict()) for result in results]}
+
+    records = [
+        {
+            "key": i.key,
+            "path": str(i.path),
+            "prompt": i.prompt,
+            "metadata": json.dumps(i.metadata) if i.metadata else "",
+        }
+        for i in todo
+    ]
+    scored = (
+        ray.data.from_items(records)
+        .map_batches(ScoreActor, batch_size=batch_size, concurrency=actors, num_gpus=gpus_per_actor)
+        .take_all()
+    )
+    by_key = {record["key"]: json.loads(record["result"]) for record in scored}
+    rows = [
+        {"key": i.key, "file": str(i.path), "prompt": i.prompt, "tag": i.tag, "group": i.group, **by_key[i.key]}
+        for i in todo
+    ]
+    writer.write(rows)
+    writer.close()
+    stats.scored, stats.errors = len(rows), sum(row["error"] is not None for row in rows)
+    stats.seconds = time.perf_counter() - started
+    return stats

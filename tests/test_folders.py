@@ -214,3 +214,24 @@ def test_report_has_thumbnails_and_plots(tmp_path, assets):
     pixels = Image.open(shot).convert("RGB")
     # Thumbnails are photos: the page is not a blank white/grey sheet.
     assert len(set(pixels.resize((120, 90)).getdata())) > 500
+
+
+@pytest.mark.slow
+def test_ray_engine_gives_the_same_rows_as_in_process(tmp_path, assets):
+    pytest.importorskip("ray")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for index in range(6):
+        shutil.copy(assets / ("bus.jpg" if index % 2 else "zidane.jpg"), flat / f"two_people_{index}.jpg")
+    (flat / "empty.png").write_bytes(b"")
+    local, distributed = tmp_path / "local", tmp_path / "ray"
+    assert main(["score", str(flat), "--out", str(local), "--no-progress"]) == 0
+    argv = ["score", str(flat), "--out", str(distributed), "--engine", "ray", "--batch-size", "3", "--no-progress"]
+    try:
+        assert main(argv) == 0
+    finally:
+        import ray
+
+        ray.shutdown()
+    key = lambda row: row["key"]  # noqa: E731
+    assert sorted(folders.read_rows(local), key=key) == sorted(folders.read_rows(distributed), key=key)
