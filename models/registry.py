@@ -37,6 +37,11 @@ def register_reward(name: str) -> Callable[[Callable[..., Reward]], Callable[...
 # Modules whose import registers built-in rewards (their @register_reward decorators run on import).
 BUILTIN_REWARD_MODULES = (
     "models.detection.matching",
+    "models.preference",
+    "models.feedback",
+    "models.caption",
+    "models.vqa",
+    "models.plausibility",
 )
 
 
@@ -45,16 +50,32 @@ def _load_builtin_rewards() -> None:
         importlib.import_module(module)
 
 
+def split_reward_name(name: str) -> tuple[str, str | None]:
+    """"feedback:/runs/head" -> ("feedback", "/runs/head"): a registered name plus one positional argument
+    (a model directory); a plain registered name -> (name, None)."""
+    base, separator, argument = name.partition(":")
+    return (base, argument) if separator and argument else (name, None)
+
+
 def list_rewards() -> list[str]:
+    """Registered names; a parameterised reward is used as "name:argument" (e.g. "feedback:/runs/head")."""
     _load_builtin_rewards()
     return sorted(_REGISTRY)
 
 
-def create_reward(name: str, **config: Any) -> Reward:
-    """Build the reward registered as `name` with its config (defaults run offline)."""
+def is_registered(name: str) -> bool:
+    """Whether create_reward can build `name`, plain or parameterised."""
     _load_builtin_rewards()
+    return name in _REGISTRY or split_reward_name(name)[0] in _REGISTRY
+
+
+def create_reward(name: str, **config: Any) -> Reward:
+    """Build the reward registered as `name` with its config (defaults run offline). "name:argument" passes
+    the argument as the factory's first positional parameter: create_reward("feedback:/runs/head")."""
+    _load_builtin_rewards()
+    base, argument = (name, None) if name in _REGISTRY else split_reward_name(name)
     try:
-        factory = _REGISTRY[name]
+        factory = _REGISTRY[base]
     except KeyError:
         raise KeyError(f"unknown reward {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
-    return factory(**config)
+    return factory(**config) if argument is None else factory(argument, **config)

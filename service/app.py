@@ -21,7 +21,7 @@ from . import metrics
 from .engine import RewardEngine
 from .golden import check
 from .guard import GuardMiddleware
-from .schemas import ItemResult, MatchItem, MatchResult, RankGroup, RankResult, RewardSpec, ScoreItem
+from .schemas import ItemResult, MatchItem, MatchResult, RankGroup, RankOptions, RankResult, RewardSpec, ScoreItem
 from .settings import ServiceSettings
 
 log = logging.getLogger("rewardscope.service")
@@ -67,9 +67,11 @@ class RewardService:
         groups: Annotated[list[RankGroup], Field(max_length=64)],
         rewards: RewardSpec | None = None,
         profile: str | None = None,
+        options: RankOptions | None = None,
     ) -> list[RankResult]:
-        """Rank N candidates per prompt by total reward; chosen/rejected are the DPO pair (best/worst)."""
-        return self.engine.rank(groups, rewards, profile)
+        """Rank N candidates per prompt by total reward (or `options`: normalisation, rank aggregation, margin,
+        likelihood weights); chosen/rejected are the DPO pair (best/worst)."""
+        return self.engine.rank(groups, rewards, profile, options)
 
     @bentoml.task(route="/jobs/score")
     def score_job(

@@ -106,7 +106,13 @@ def cmd_score_folder(args: argparse.Namespace) -> int:
             done += count
             progress.update(task, advance=count, rate=f"{done / (time.perf_counter() - started):.1f} img/s")
 
-        stats = folders.score_items(items, backend, out_dir, args.batch_size, on_batch=advance)
+        if args.engine == "ray":
+            config = _reward_config(weights, args.variant)
+            stats = folders.score_items_ray(
+                items, weights, config, out_dir, args.batch_size, args.ray_actors, args.ray_gpus, args.ray_address
+            )
+        else:
+            stats = folders.score_items(items, backend, out_dir, args.batch_size, on_batch=advance)
         progress.update(task, completed=stats.skipped + stats.scored)
     rows = folders.read_rows(out_dir)
     config = {"root": str(root), "layout": layout, "rewards": weights, "variant": args.variant, "server": args.server}
@@ -214,6 +220,7 @@ def cmd_dpo_pairs(args: argparse.Namespace) -> int:
                 "groups": summary.groups,
                 "pairs": summary.pairs,
                 "below_margin": summary.below_margin,
+                "identical": summary.identical,
                 "too_few_scored": summary.too_few_scored,
                 "errors": len(summary.errors),
             }
@@ -275,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--server", help="score through a running service at this URL instead of in-process")
     score.add_argument("--report", help="write a static HTML report into this folder")
     score.add_argument("--no-progress", action="store_true")
+    score.add_argument("--engine", default="local", choices=("local", "ray"), help="ray: Ray Data actor pool")
+    score.add_argument("--ray-actors", type=int, default=1, help="Scorer actors (each loads the models once)")
+    score.add_argument("--ray-gpus", type=float, default=0, help="GPUs per actor")
+    score.add_argument("--ray-address", help="existing Ray cluster ('auto' or ray://host:10001); default: local")
     score.set_defaults(run=cmd_score)
 
     export = commands.add_parser("export-detector", help="export an ultralytics model (.pt/.yaml) to ONNX")

@@ -10,12 +10,23 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from models import Scorer, list_rewards
-from models.combine import rank_candidates
+from models.combine import combine, likelihood_weights, preference_pair, rank_candidates
+from models.registry import is_registered
 from models.types import ScoreResult
 
 from . import metrics
 from .images import ImageError, ImageLimits, decode_base64, decode_npy
-from .schemas import ImageInput, ItemResult, MatchItem, MatchResult, RankGroup, RankResult, RewardSpec, ScoreItem
+from .schemas import (
+    ImageInput,
+    ItemResult,
+    MatchItem,
+    MatchResult,
+    RankGroup,
+    RankOptions,
+    RankResult,
+    RewardSpec,
+    ScoreItem,
+)
 from .settings import PROFILES, ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -38,7 +49,7 @@ class RewardEngine:
         self._scorers: dict[ScorerKey, Scorer] = {}
         self._lock = threading.Lock()
         for name in settings.rewards:
-            if name not in list_rewards():
+            if not is_registered(name):
                 raise ValueError(f"configured reward {name!r} is not registered; available: {list_rewards()}")
         self.default_weights = {name: 1.0 for name in settings.rewards}
         self.scorer(self.default_weights, settings.profile)  # load the models now, not on the first request
@@ -151,7 +162,16 @@ class RewardEngine:
             )
         return answers
 
-    def rank(self, groups: Sequence[RankGroup], rewards: RewardSpec | None, profile: str | None) -> list[RankResult]:
+    def rank(
+        self,
+        groups: Sequence[RankGroup],
+        rewards: RewardSpec | None,
+        profile: str | None,
+        options: RankOptions | None = None,
+    ) -> list[RankResult]:
+        """Score every candidate, combine the rewards per group (default: the weighted total), order them and
+        pick chosen/rejected; with options.margin set, a pair closer than the margin (or a tie) is not chosen."""
+        options = options or RankOptions()
         flat = [
             ScoreItem(
                 image=candidate.image,
@@ -169,10 +189,40 @@ class RewardEngine:
         for group in groups:
             members = scored[start : start + len(group.candidates)]
             start += len(group.candidates)
-            totals = [member.total for member in members]
-            order, chosen, rejected = rank_candidates(totals)
-            answers.append(RankResult(scores=totals, order=order, chosen=chosen, rejected=rejected, candidates=members))
+            scores = self._combined(members, rewards, options)
+            order, chosen, rejected = rank_candidates(scores)
+            if options.margin is not None:
+                pair = preference_pair(scores, options.margin)
+                chosen, rejected = (pair.chosen, pair.rejected) if pair else (None, None)
+            weights = None
+            if options.likelihood_weights is not None:
+                weights = likelihood_weights(scores, options.likelihood_weights, options.temperature)
+            answers.append(
+                RankResult(
+                    scores=scores,
+                    order=order,
+                    chosen=chosen,
+                    rejected=rejected,
+                    candidates=members,
+                    weights=weights,
+                    normalization=options.normalization,
+                    aggregation=options.aggregation,
+                )
+            )
         return answers
+
+    def _combined(
+        self, members: Sequence[ItemResult], rewards: RewardSpec | None, options: RankOptions
+    ) -> list[float | None]:
+        totals = [member.total for member in members]
+        if options.normalization == "none" and options.aggregation == "weighted_sum":
+            return totals  # the Scorer's weighted total, exactly
+        try:
+            weights = self._weights(rewards)
+        except RequestItemError:
+            return [None] * len(members)  # every candidate already carries the error
+        values = {name: [member.rewards.get(name) for member in members] for name in weights}
+        return combine(values, weights, options.normalization, options.aggregation)
 
     # -- Description ---------------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:

@@ -97,9 +97,36 @@ class RankGroup(BaseModel):
     metadata: dict[str, Any] | None = None
 
 
+class RankOptions(BaseModel):
+    """How /rank combines rewards per group. The defaults rank by the weighted total, as /score's `total`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    normalization: Literal["none", "zscore", "rank"] = Field(
+        default="none", description="per reward, over the group's scored candidates, before the weighted sum"
+    )
+    aggregation: Literal["weighted_sum", "rank_sum"] = Field(
+        default="weighted_sum", description="rank_sum: sum of weight x rank within the group (FineRewards)"
+    )
+    margin: float | None = Field(
+        default=None, ge=0, description="no chosen/rejected pair when best - worst < margin, or on a tie"
+    )
+    likelihood_weights: Literal["softmax", "minmax"] | None = Field(
+        default=None, description="also return per-candidate reward-weighted-likelihood weights"
+    )
+    temperature: float = Field(default=1.0, gt=0, description="softmax temperature for likelihood_weights")
+
+
 class RankResult(BaseModel):
-    scores: list[float | None] = Field(description="total reward per candidate; None where it failed")
+    scores: list[float | None] = Field(
+        description="combined reward per candidate (default: the weighted total); None where it failed"
+    )
     order: list[int] = Field(description="scored candidates, best first; ties keep the lower index first")
     chosen: int | None = Field(description="best candidate (DPO 'chosen'); None with fewer than 2 scored")
     rejected: int | None = Field(description="worst candidate (DPO 'rejected'); None with fewer than 2 scored")
     candidates: list[ItemResult]
+    weights: list[float | None] | None = Field(
+        default=None, description="reward-weighted-likelihood weights, when asked for; None where unscored"
+    )
+    normalization: str = "none"
+    aggregation: str = "weighted_sum"

@@ -66,7 +66,8 @@ class ServiceSettings(BaseModel):
         """Per-reward keyword config for a Scorer: the profile's thresholds for the matching family."""
         config: dict[str, dict[str, Any]] = {}
         for name in rewards:
-            config[name] = dict(self.config.get(name, {}))
+            # "feedback:/dir" takes its own entry, else the one for its base name ("feedback").
+            config[name] = dict(self.config.get(name, self.config.get(name.partition(":")[0], {})))
             if name in MATCHING_FAMILY:
                 config[name].update(PROFILES[profile], detector=self.detector, batch_size=self.max_batch_size)
         return config

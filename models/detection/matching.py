@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,17 +90,32 @@ def relative_position(box_a: np.ndarray, box_b: np.ndarray) -> set[str]:
     return relations
 
 
-def geneval_check(parsed: ParsedPrompt, detections: dict[str, list[np.ndarray]]) -> tuple[bool, list[str]]:
-    """GenEval's strict verdict: every include present with count >= n (positions checked between the top-n
-    boxes of each group), every exclude with count < its count. detections: class -> boxes by score."""
+def geneval_check(
+    parsed: ParsedPrompt,
+    detections: dict[str, list[np.ndarray]],
+    colors: Mapping[int, list[str]] | None = None,
+) -> tuple[bool, list[str]]:
+    """GenEval's strict verdict: every include present with count >= n (colours, then positions, checked on the
+    top-n boxes of each group), every exclude with count < its count. detections: class -> boxes by score;
+    colors: object index -> the classified colour of each of its top-n boxes (needed for objects with a colour)."""
     reasons: list[str] = []
     matched_groups: list[list[np.ndarray] | None] = []
-    for spec in parsed.objects:
+    for index, spec in enumerate(parsed.objects):
         found = detections.get(spec.class_name, [])[: spec.count]
         matched = len(found) >= spec.count
         if not matched:
             reasons.append(f"expected {spec.class_name}>={spec.count}, found {len(found)}")
-        elif spec.relation is not None and spec.relation.relation != "next to":
+        elif spec.color is not None:
+            if colors is None or index not in colors:
+                raise ValueError(f"object {index} ({spec.color} {spec.class_name}) needs classified colours")
+            predicted = colors[index]
+            if predicted.count(spec.color) < spec.count:
+                matched = False
+                reasons.append(
+                    f"expected {spec.color} {spec.class_name}>={spec.count}, found "
+                    + ", ".join(f"{predicted.count(c)} {c}" for c in dict.fromkeys(predicted))
+                )
+        if matched and spec.relation is not None and spec.relation.relation != "next to":
             targets = matched_groups[spec.relation.target] if spec.relation.target < len(matched_groups) else None
             if targets is None:
                 matched = False
@@ -158,6 +174,9 @@ class MatchingReward:
         intra_op_threads: int = 0,
         kernels_backend: str | None = None,
         layout_iou: float = 0.5,
+        color_model: str | None = None,
+        color_processor: str | None = None,
+        color_device: str | None = None,
     ) -> None:
         if variant not in VARIANTS:
             raise ValueError(f"unknown matching variant {variant!r}; choose from {', '.join(VARIANTS)}")
@@ -176,6 +195,13 @@ class MatchingReward:
         self.vocabulary = self.detector.class_names
         self.class_index = {name: index for index, name in enumerate(self.vocabulary)}
         self.version = self.detector.version
+        # GenEval's colour attributes: CLIP zero-shot colour of each box crop (models/clip.py), when configured.
+        self.color_classifier = None
+        if color_model:
+            from ..clip import ColorClassifier, load_clip
+
+            self.color_classifier = ColorClassifier(load_clip(color_model, color_processor, color_device))
+            self.version = f"{self.version}+colors:{self.color_classifier.backbone.version}"
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -183,6 +209,7 @@ class MatchingReward:
             "variant": self.variant,
             "version": self.version,
             "detector": self.detector.describe(),
+            "color_model": self.color_classifier.backbone.describe() if self.color_classifier else None,
             "params": {
                 "conf_threshold": self.conf_threshold,
                 "iou_threshold": self.iou_threshold,
@@ -239,9 +266,16 @@ class MatchingReward:
         if not parsed.objects:
             unknown = f" (nouns it cannot see: {', '.join(parsed.unknown)})" if parsed.unknown else ""
             raise _Unscorable("no_countable_object", f"prompt names no object the detector knows{unknown}")
-        if self.variant == "geneval" and any(spec.color for spec in parsed.objects):
+        colors = [spec.color for spec in parsed.objects if spec.color] if self.variant == "geneval" else []
+        if colors and self.color_classifier is None:
             raise _Unscorable(
                 "colour_unavailable", "colour attributes need a CLIP colour classifier; none is configured"
+            )
+        if colors and set(colors) - set(self.color_classifier.colors):  # type: ignore[union-attr]
+            raise _Unscorable(
+                "colour_unavailable",
+                f"GenEval classifies only {', '.join(self.color_classifier.colors)}; "  # type: ignore[union-attr]
+                f"the prompt asks for {', '.join(sorted(set(colors)))}",
             )
         slots = list(parsed.objects) + (list(parsed.exclude) if self.variant == "geneval" else [])
         return _Plan(parsed, [self.class_index[s.class_name] for s in slots], [s.count for s in slots])
@@ -294,14 +328,17 @@ class MatchingReward:
         if self.variant == "numeracy":
             values = numeracy_score(match.counts, requested, object_mask)
         layout = self._layout(match, plans) if self.variant == "layout" else None
+        all_details = [
+            self._details(row, plan, match, category, quantity_mean, quantity) for row, plan in enumerate(plans)
+        ]
+        colors = self._colors(samples, plans, all_details) if self.variant == "geneval" else {}
         outputs = []
         for row, plan in enumerate(plans):
-            details = self._details(row, plan, match, category, quantity_mean, quantity)
+            details = all_details[row]
             if self.variant == "geneval":
-                by_class: dict[str, list[np.ndarray]] = {}
-                for detection in details["detections"]:
-                    by_class.setdefault(detection["class"], []).append(np.asarray(detection["box"]))
-                passed, details["reasons"] = geneval_check(plan.parsed, by_class)
+                passed, details["reasons"] = geneval_check(plan.parsed, _boxes_by_class(details), colors.get(row))
+                for index, predicted in colors.get(row, {}).items():
+                    details["objects"][index]["predicted_colors"] = predicted
                 value = float(passed)
             elif layout is not None:
                 targets = [
@@ -322,6 +359,28 @@ class MatchingReward:
             details["score"] = value
             outputs.append(RewardOutput(value, details))
         return outputs
+
+    def _colors(
+        self, samples: list[Sample], plans: list[_Plan], details: list[dict[str, Any]]
+    ) -> dict[int, dict[int, list[str]]]:
+        """row -> object index -> CLIP colour of each of the object's top-n boxes (GenEval checks colours only
+        where the count is met), classified in one batch for the whole chunk."""
+        if self.color_classifier is None:
+            return {}
+        from ..clip import crop_box
+
+        crops, owners = [], []
+        for row, (sample, plan) in enumerate(zip(samples, plans, strict=True)):
+            by_class = _boxes_by_class(details[row])
+            for index, spec in enumerate(plan.parsed.objects):
+                found = by_class.get(spec.class_name, [])[: spec.count]
+                if spec.color and len(found) >= spec.count:
+                    crops += [(crop_box(sample.image, box.tolist()), spec.class_name) for box in found]
+                    owners += [(row, index)] * len(found)
+        colors: dict[int, dict[int, list[str]]] = {}
+        for (row, index), color in zip(owners, self.color_classifier(crops, self.batch_size), strict=True):
+            colors.setdefault(row, {}).setdefault(index, []).append(color)
+        return colors
 
     def _layout(self, match: kernels.BoxMatch, plans: list[_Plan]) -> kernels.LayoutMatch:
         width = max(len(plan.targets or []) for plan in plans)
@@ -373,6 +432,14 @@ class MatchingReward:
             "thresholds": {"confidence": self.conf_threshold, "iou": self.iou_threshold},
             "detector": {"model": self.detector.path.name, "version": self.version},
         }
+
+
+def _boxes_by_class(details: dict[str, Any]) -> dict[str, list[np.ndarray]]:
+    """Kept detections of one image grouped by class, highest score first (their order in details)."""
+    by_class: dict[str, list[np.ndarray]] = {}
+    for detection in details["detections"]:
+        by_class.setdefault(detection["class"], []).append(np.asarray(detection["box"]))
+    return by_class
 
 
 @register_reward("matching")

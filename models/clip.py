@@ -1,0 +1,256 @@
+"""Shared CLIP runtime: one load per (model, processor, device, dtype) per process, batched L2-normalised
+embeddings, and a per-sample cache so rewards on the same backbone embed each image once per Scorer call."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .types import Sample
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"
+# Embeddings kept per backbone for samples still alive; a Scorer batch is far smaller than this.
+EMBEDDING_CACHE_SIZE = 4096
+DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A configured model is neither a local directory nor in the local Hugging Face cache."""
+
+
+def resolve_model_dir(model: str | os.PathLike[str]) -> Path:
+    """A local directory that exists is used as is; otherwise `model` is a hub id looked up in the local
+    Hugging Face cache only (never downloaded). Raises ModelNotFoundError with what to do instead."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    text = str(model)
+    if path.exists():
+        raise ModelNotFoundError(f"model {text!r} is a file; give a model directory or a hub id")
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise ModelNotFoundError(f"model directory {text!r} does not exist")
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return Path(snapshot_download(text, local_files_only=True))
+    except Exception as exc:  # LocalEntryNotFoundError, HFValidationError for malformed ids
+        raise ModelNotFoundError(
+            f"model {text!r} is not a local directory and not in the local Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}): nothing is downloaded at run time. Fetch it once where there is "
+            f"network (`hf download {text}`) or pass a local directory ({type(exc).__name__})"
+        ) from None
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_version(model: str | os.PathLike[str], directory: Path) -> str:
+    """`id@commit` for a hub snapshot (the commit names its weights); `dir@sha256[:16]` of the weights else."""
+    if directory.parent.name == "snapshots":
+        return f"{model}@{directory.name[:12]}"
+    weights = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
+    digest = hashlib.sha256()
+    for file in weights:
+        digest.update(file_sha256(file).encode())
+    return f"{directory.name}@{digest.hexdigest()[:16] if weights else 'no-weights'}"
+
+
+def resolve_device(device: str | None) -> str:
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """fp16 on CUDA, fp32 elsewhere unless asked (CPU kernels for half precision are slow or missing)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from auto, {', '.join(DTYPES)}") from None
+
+
+def _features(output: Any) -> torch.Tensor:
+    # transformers 4.x returns the projected tensor, 5.x an output object carrying it as pooler_output.
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+class ClipBackbone:
+    """A transformers CLIPModel with its processor, in eval mode on one device and dtype.
+
+    image_embeddings / text_embeddings return float32 [B, D] rows of unit L2 norm.
+    image_forwards counts images run through the vision tower (cache hits excluded).
+    """
+
+    def __init__(self, model: str, processor: str | None, device: str, dtype: torch.dtype) -> None:
+        from transformers import AutoProcessor, CLIPModel
+
+        self.model_id, self.processor_id = str(model), str(processor) if processor else None
+        directory = resolve_model_dir(model)
+        processor_dir = resolve_model_dir(processor) if processor else directory
+        self.directory, self.device, self.dtype = directory, device, dtype
+        self.model = CLIPModel.from_pretrained(directory, local_files_only=True).to(device=device, dtype=dtype).eval()
+        self.processor = AutoProcessor.from_pretrained(processor_dir, local_files_only=True)
+        self.version = model_version(model, directory)
+        self.max_text_tokens = int(self.model.config.text_config.max_position_embeddings)
+        self.embedding_dim = int(self.model.config.projection_dim)
+        self.logit_scale = float(self.model.logit_scale.detach().exp())
+        self.image_forwards = 0
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[int, tuple[weakref.ref[Sample], torch.Tensor]] = OrderedDict()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": self.model_id,
+            "processor": self.processor_id or self.model_id,
+            "version": self.version,
+            "device": self.device,
+            "precision": str(self.dtype).removeprefix("torch."),
+        }
+
+    @torch.inference_mode()
+    def _embed_images(self, images: Sequence[Image.Image], batch_size: int) -> torch.Tensor:
+        rows = []
+        for start in range(0, len(images), batch_size):
+            chunk = list(images[start : start + batch_size])
+            pixels = self.processor(images=chunk, return_tensors="pt")["pixel_values"]
+            features = _features(self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype)))
+            rows.append(torch.nn.functional.normalize(features.float(), dim=-1))
+            self.image_forwards += len(chunk)
+        return torch.cat(rows) if rows else torch.zeros((0, self.embedding_dim), device=self.device)
+
+    def image_embeddings(self, images: Sequence[Image.Image], batch_size: int = 32) -> torch.Tensor:
+        """[B, D] unit embeddings of the images (no caching: crops and one-off images)."""
+        with self._lock:
+            return self._embed_images(images, max(1, batch_size))
+
+    def sample_embeddings(self, samples: Sequence[Sample], batch_size: int = 32) -> torch.Tensor:
+        """[B, D] unit embeddings of the samples' images. A sample embedded before (by another reward on this
+        backbone in the same Scorer call: the Scorer passes the same Sample objects to each) is not re-run."""
+        with self._lock:
+            rows: list[torch.Tensor | None] = []
+            for sample in samples:
+                entry = self._cache.get(id(sample))
+                rows.append(entry[1] if entry is not None and entry[0]() is sample else None)
+            missing = [index for index, row in enumerate(rows) if row is None]
+            if missing:
+                fresh = self._embed_images([samples[i].image for i in missing], max(1, batch_size))
+                for index, row in zip(missing, fresh, strict=True):
+                    rows[index] = row
+                    self._cache[id(samples[index])] = (weakref.ref(samples[index]), row)
+                while len(self._cache) > EMBEDDING_CACHE_SIZE:
+                    self._cache.popitem(last=False)
+            if not rows:
+                return torch.zeros((0, self.embedding_dim), device=self.device)
+            return torch.stack(rows)  # type: ignore[arg-type]
+
+    @torch.inference_mode()
+    def text_embeddings(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """[T, D] unit embeddings; texts longer than the model's context are truncated (CLIP's 77 tokens)."""
+        rows = []
+        with self._lock:
+            for start in range(0, len(texts), max(1, batch_size)):
+                tokens = self.processor(
+                    text=list(texts[start : start + batch_size]),
+                    return_tensors="pt",
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_text_tokens,
+                )
+                features = _features(
+                    self.model.get_text_features(
+                        input_ids=tokens["input_ids"].to(self.device),
+                        attention_mask=tokens["attention_mask"].to(self.device),
+                    )
+                )
+                rows.append(torch.nn.functional.normalize(features.float(), dim=-1))
+        return torch.cat(rows) if rows else torch.zeros((0, self.embedding_dim), device=self.device)
+
+
+_BACKBONES: dict[tuple[str, str, str, torch.dtype], ClipBackbone] = {}
+_BACKBONES_LOCK = threading.Lock()
+
+
+def load_clip(
+    model: str = DEFAULT_CLIP,
+    processor: str | None = None,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> ClipBackbone:
+    """The shared backbone for (model, processor, device, dtype): loaded on first request, then reused by every
+    reward that names the same one (a hub id and its cached snapshot directory count as the same model)."""
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    directory = str(resolve_model_dir(model))
+    key = (directory, str(resolve_model_dir(processor)) if processor else directory, device, torch_dtype)
+    with _BACKBONES_LOCK:
+        if key not in _BACKBONES:
+            log.info("loading CLIP %s (processor %s) on %s as %s", model, processor or model, device, torch_dtype)
+            _BACKBONES[key] = ClipBackbone(model, processor, device, torch_dtype)
+        return _BACKBONES[key]
+
+
+# GenEval's colour list and prompt templates (evaluation/evaluate_images.py); "gray" is not among them.
+GENEVAL_COLORS: tuple[str, ...] = (
+    "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white",
+)  # fmt: skip
+COLOR_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {color} {object}",
+    "a photo of a {color}-colored {object}",
+    "a photo of a {color} object",
+)
+
+
+class ColorClassifier:
+    """CLIP zero-shot colour of object crops, as GenEval does it: per class, one text embedding per colour
+    (mean of the templates' unit embeddings, renormalised); a crop's colour is the argmax of cosine."""
+
+    def __init__(self, backbone: ClipBackbone, colors: Sequence[str] = GENEVAL_COLORS) -> None:
+        self.backbone, self.colors = backbone, tuple(colors)
+        self._classifiers: dict[str, torch.Tensor] = {}
+
+    def _classifier(self, class_name: str) -> torch.Tensor:
+        """[colors, D] unit text embeddings for `class_name`."""
+        if class_name not in self._classifiers:
+            texts = [t.format(color=c, object=class_name) for c in self.colors for t in COLOR_TEMPLATES]
+            embeddings = self.backbone.text_embeddings(texts).view(len(self.colors), len(COLOR_TEMPLATES), -1)
+            self._classifiers[class_name] = torch.nn.functional.normalize(embeddings.mean(1), dim=-1)
+        return self._classifiers[class_name]
+
+    def __call__(self, crops: Sequence[tuple[Image.Image, str]], batch_size: int = 32) -> list[str]:
+        """(crop, class name) pairs -> the argmax colour of each crop."""
+        if not crops:
+            return []
+        embeddings = self.backbone.image_embeddings([crop for crop, _ in crops], batch_size)
+        colors = []
+        for embedding, (_, class_name) in zip(embeddings, crops, strict=True):
+            colors.append(self.colors[int((self._classifier(class_name) @ embedding).argmax())])
+        return colors
+
+
+def crop_box(image: Image.Image, box: Sequence[float]) -> Image.Image:
+    """The [x0, y0, x1, y1] pixel box of `image`, clamped to it and at least one pixel wide and high."""
+    width, height = image.size
+    x0 = min(max(int(box[0]), 0), width - 1)
+    y0 = min(max(int(box[1]), 0), height - 1)
+    x1 = min(max(int(round(box[2])), x0 + 1), width)
+    y1 = min(max(int(round(box[3])), y0 + 1), height)
+    return image.crop((x0, y0, x1, y1))
