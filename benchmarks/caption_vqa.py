@@ -143,8 +143,10 @@ def main() -> None:
         f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"transformers {transformers.__version__}, device {'cuda' if torch.cuda.is_available() else 'cpu'}"
     )
-    print(f"inputs: {args.images} images (bus, zidane, skimage astronaut/chelsea/coffee/rocket, cycled), "
-          f"median of {args.repeats} runs after one warm-up\n")
+    print(
+        f"inputs: {args.images} images (bus, zidane, skimage astronaut/chelsea/coffee/rocket, cycled), "
+        f"median of {args.repeats} runs after one warm-up\n"
+    )
     print(f"| reward | model | batch 1 ms/image | batch {args.images} ms/image | speed-up |")
     print("|---|---|---|---|---|")
     for name, model, one, many in rows:

@@ -30,8 +30,9 @@ from PIL import Image  # noqa: E402
 from tiny_clip import make_aesthetic_head, make_labelled_set, make_tiny_clip  # noqa: E402
 
 from models import Scorer  # noqa: E402
-from models.clip import ModelNotFoundError, load_clip, resolve_model_dir  # noqa: E402
+from models.clip import load_clip  # noqa: E402
 from models.feedback import TrainConfig, train_feedback_reward  # noqa: E402
+from models.hf import ModelNotFoundError, resolve_model  # noqa: E402
 from models.preference import MissingExtraError  # noqa: E402
 
 
@@ -70,7 +71,7 @@ def throughput(scorer: Scorer, images: list[Image.Image], batch: int, repeats: i
 
 def cached(model: str) -> bool:
     try:
-        resolve_model_dir(model)
+        resolve_model(model)
         return True
     except ModelNotFoundError:
         return False

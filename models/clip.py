@@ -3,19 +3,17 @@ embeddings, and a per-sample cache so rewards on the same backbone embed each im
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
+from .hf import resolve_model
 from .types import Sample
 
 log = logging.getLogger(__name__)
@@ -24,52 +22,6 @@ DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 # Embeddings kept per backbone for samples still alive; a Scorer batch is far smaller than this.
 EMBEDDING_CACHE_SIZE = 4096
 DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """A configured model is neither a local directory nor in the local Hugging Face cache."""
-
-
-def resolve_model_dir(model: str | os.PathLike[str]) -> Path:
-    """A local directory that exists is used as is; otherwise `model` is a hub id looked up in the local
-    Hugging Face cache only (never downloaded). Raises ModelNotFoundError with what to do instead."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    text = str(model)
-    if path.exists():
-        raise ModelNotFoundError(f"model {text!r} is a file; give a model directory or a hub id")
-    if text.startswith((".", "/", "~")) or text.count("/") > 1:
-        raise ModelNotFoundError(f"model directory {text!r} does not exist")
-    from huggingface_hub import constants, snapshot_download
-
-    try:
-        return Path(snapshot_download(text, local_files_only=True))
-    except Exception as exc:  # LocalEntryNotFoundError, HFValidationError for malformed ids
-        raise ModelNotFoundError(
-            f"model {text!r} is not a local directory and not in the local Hugging Face cache "
-            f"({constants.HF_HUB_CACHE}): nothing is downloaded at run time. Fetch it once where there is "
-            f"network (`hf download {text}`) or pass a local directory ({type(exc).__name__})"
-        ) from None
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def model_version(model: str | os.PathLike[str], directory: Path) -> str:
-    """`id@commit` for a hub snapshot (the commit names its weights); `dir@sha256[:16]` of the weights else."""
-    if directory.parent.name == "snapshots":
-        return f"{model}@{directory.name[:12]}"
-    weights = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
-    digest = hashlib.sha256()
-    for file in weights:
-        digest.update(file_sha256(file).encode())
-    return f"{directory.name}@{digest.hexdigest()[:16] if weights else 'no-weights'}"
 
 
 def resolve_device(device: str | None) -> str:
@@ -104,12 +56,13 @@ class ClipBackbone:
         from transformers import AutoProcessor, CLIPModel
 
         self.model_id, self.processor_id = str(model), str(processor) if processor else None
-        directory = resolve_model_dir(model)
-        processor_dir = resolve_model_dir(processor) if processor else directory
+        source = resolve_model(model)
+        directory = source.path
+        processor_dir = resolve_model(processor).path if processor else directory
         self.directory, self.device, self.dtype = directory, device, dtype
         self.model = CLIPModel.from_pretrained(directory, local_files_only=True).to(device=device, dtype=dtype).eval()
         self.processor = AutoProcessor.from_pretrained(processor_dir, local_files_only=True)
-        self.version = model_version(model, directory)
+        self.version = source.version
         self.max_text_tokens = int(self.model.config.text_config.max_position_embeddings)
         self.embedding_dim = int(self.model.config.projection_dim)
         self.logit_scale = float(self.model.logit_scale.detach().exp())
@@ -199,8 +152,8 @@ def load_clip(
     reward that names the same one (a hub id and its cached snapshot directory count as the same model)."""
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    directory = str(resolve_model_dir(model))
-    key = (directory, str(resolve_model_dir(processor)) if processor else directory, device, torch_dtype)
+    directory = str(resolve_model(model).path)
+    key = (directory, str(resolve_model(processor).path) if processor else directory, device, torch_dtype)
     with _BACKBONES_LOCK:
         if key not in _BACKBONES:
             log.info("loading CLIP %s (processor %s) on %s as %s", model, processor or model, device, torch_dtype)

@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .clip import DEFAULT_CLIP, ModelNotFoundError, file_sha256, load_clip
+from .clip import DEFAULT_CLIP, load_clip
 from .combine import average_ranks
 from .detection.prompt import COCO_CLASSES, COLORS, parse_prompt
+from .hf import ModelNotFoundError, file_sha256
 from .registry import register_reward
 from .types import RewardOutput, Sample
 

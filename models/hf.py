@@ -60,6 +60,11 @@ def _file_digest(path: Path) -> str:
     return _content_digest(str(real), stat.st_size, stat.st_mtime_ns)
 
 
+def file_sha256(path: str | Path) -> str:
+    """sha256 hex digest of a file's content (cached per path, size and mtime)."""
+    return _file_digest(Path(path))
+
+
 @functools.lru_cache(maxsize=256)
 def _content_digest(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
@@ -141,7 +146,7 @@ def choose_device(device: str | None) -> torch.device:
 
 
 def choose_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """"auto": fp16 on CUDA, fp32 elsewhere (half precision on CPU is slow and lossy); or a name from DTYPES."""
+    """ "auto": fp16 on CUDA, fp32 elsewhere (half precision on CPU is slow and lossy); or a name from DTYPES."""
     if dtype == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     try:

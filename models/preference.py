@@ -12,14 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .clip import (
-    DEFAULT_CLIP,
-    ModelNotFoundError,
-    file_sha256,
-    load_clip,
-    resolve_device,
-    resolve_dtype,
-)
+from .clip import DEFAULT_CLIP, load_clip, resolve_device, resolve_dtype
+from .hf import ModelNotFoundError, file_sha256
 from .registry import register_reward
 from .types import RewardOutput, Sample
 

@@ -51,7 +51,7 @@ def _load_builtin_rewards() -> None:
 
 
 def split_reward_name(name: str) -> tuple[str, str | None]:
-    """"feedback:/runs/head" -> ("feedback", "/runs/head"): a registered name plus one positional argument
+    """ "feedback:/runs/head" -> ("feedback", "/runs/head"): a registered name plus one positional argument
     (a model directory); a plain registered name -> (name, None)."""
     base, separator, argument = name.partition(":")
     return (base, argument) if separator and argument else (name, None)

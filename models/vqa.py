@@ -112,7 +112,7 @@ def _object_questions(objects: Sequence[ObjectSpec]) -> list[Question]:
 
 
 def prompt_question(prompt: str) -> Question | None:
-    """"Does this image show {prompt}?"; None when the prompt has no words."""
+    """ "Does this image show {prompt}?"; None when the prompt has no words."""
     text = " ".join(prompt.split()).rstrip(".!?;:, ")
     return Question(f"Does this image show {text}?", "prompt") if text else None
 

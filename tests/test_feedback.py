@@ -11,8 +11,8 @@ import pytest
 from tiny_clip import make_labelled_set, shared_tiny_clip
 
 from models import Scorer, create_reward
-from models.clip import ModelNotFoundError
 from models.feedback import TrainConfig, perturb_prompt, read_labels, roc_auc, split_indices, train_feedback_reward
+from models.hf import ModelNotFoundError
 from models.registry import is_registered, split_reward_name
 from service.cli import main
 from service.engine import RewardEngine

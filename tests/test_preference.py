@@ -14,9 +14,10 @@ from transformers import AutoProcessor, CLIPModel
 
 import models.clip as clip_runtime
 from models import Scorer, create_reward, list_rewards
-from models.clip import GENEVAL_COLORS, ModelNotFoundError, load_clip
+from models.clip import GENEVAL_COLORS, load_clip
 from models.detection.matching import geneval_check
 from models.detection.prompt import ObjectSpec, ParsedPrompt
+from models.hf import ModelNotFoundError
 from models.preference import MissingExtraError, load_weights
 
 PROMPTS = ["a bus on a street", "two men in suits", "an astronaut", "a cup of coffee"]

@@ -3,7 +3,6 @@ hash) and ultralytics models (.pt / .yaml). Both carry class names, input size a
 
 from __future__ import annotations
 
-import hashlib
 import importlib.resources
 import json
 import logging
@@ -15,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
+
+from ..hf import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +40,6 @@ def cache_dir() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("rewardscope"))
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _embedded_files() -> tuple[Path, Path, Path]:
