@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from PIL import Image  # noqa: E402
+from common import photos  # noqa: E402
 
 from models.caption import DEFAULT_CAPTIONER, CaptionReward  # noqa: E402
 from models.hf import ModelNotFoundError, resolve_model  # noqa: E402
@@ -38,17 +38,6 @@ PROMPTS = (
     "a cup of coffee on a table",
     "a rocket above a launch pad",
 )
-
-
-def photos() -> list[Image.Image]:
-    import skimage.data
-    import ultralytics
-
-    assets = Path(ultralytics.__file__).parent / "assets"
-    images = [Image.open(assets / name).convert("RGB") for name in ("bus.jpg", "zidane.jpg")]
-    for name in ("astronaut", "chelsea", "coffee", "rocket"):
-        images.append(Image.fromarray(getattr(skimage.data, name)()).convert("RGB"))
-    return images
 
 
 def samples(count: int) -> list[Sample]:

@@ -8,9 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -18,34 +16,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+from common import photos, timed  # noqa: E402
 
 import kernels  # noqa: E402
 from models.detection.detector import OnnxDetector, letterbox_batch  # noqa: E402
 from models.detection.export import embedded_detector_path  # noqa: E402
 from models.detection.matching import seed_score  # noqa: E402
-
-
-def photos() -> list[Image.Image]:
-    import skimage.data
-    import ultralytics
-
-    assets = Path(ultralytics.__file__).parent / "assets"
-    images = [Image.open(assets / name).convert("RGB") for name in ("bus.jpg", "zidane.jpg")]
-    for name in ("astronaut", "chelsea", "coffee", "rocket"):
-        images.append(Image.fromarray(getattr(skimage.data, name)()).convert("RGB"))
-    return images
-
-
-def timed(function, repeats: int) -> float:
-    """Median seconds of `repeats` calls after one warm-up call."""
-    function()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def loop_score(candidates: list[list[float]], prompt: list[tuple[int, int]], conf: float, iou: float) -> float:

@@ -13,10 +13,8 @@ import argparse
 import os
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import torch  # noqa: E402
+from common import photos, timed  # noqa: E402
 from PIL import Image  # noqa: E402
 from tiny_clip import make_aesthetic_head, make_labelled_set, make_tiny_clip  # noqa: E402
 
@@ -34,28 +33,6 @@ from models.clip import load_clip  # noqa: E402
 from models.feedback import TrainConfig, train_feedback_reward  # noqa: E402
 from models.hf import ModelNotFoundError, resolve_model  # noqa: E402
 from models.preference import MissingExtraError  # noqa: E402
-
-
-def photos() -> list[Image.Image]:
-    import skimage.data
-    import ultralytics
-
-    assets = Path(ultralytics.__file__).parent / "assets"
-    images = [Image.open(assets / name).convert("RGB") for name in ("bus.jpg", "zidane.jpg")]
-    for name in ("astronaut", "chelsea", "coffee", "rocket"):
-        images.append(Image.fromarray(getattr(skimage.data, name)()).convert("RGB"))
-    return images
-
-
-def timed(function, repeats: int) -> float:
-    """Median seconds of `repeats` calls after one warm-up call."""
-    function()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def throughput(scorer: Scorer, images: list[Image.Image], batch: int, repeats: int) -> float:
