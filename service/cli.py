@@ -334,7 +334,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    return args.run(args)
+    from models.hf import ModelNotFoundError
+
+    try:
+        return args.run(args)
+    except ModelNotFoundError as exc:  # a configured model is missing: say which, without a traceback
+        print(f"rewardscope: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

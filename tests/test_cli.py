@@ -32,3 +32,10 @@ def test_export_detector_writes_an_onnx_model_our_runtime_loads(tmp_path, capsys
     assert capsys.readouterr().out.strip() == str(target)
     detector = OnnxDetector(target)
     assert detector.class_names == COCO_CLASSES and detector.input_size == (256, 256)
+
+
+def test_a_missing_model_is_one_clear_line_not_a_traceback(bus_path, capsys):
+    argv = ["score", str(bus_path), "--prompt", "a bus", "--rewards", "caption"]
+    assert main(argv) == 2  # the default captioner is not in the (offline) local cache
+    error = capsys.readouterr().err
+    assert error.startswith("rewardscope: ") and "Salesforce/blip-image-captioning-large" in error
