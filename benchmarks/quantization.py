@@ -46,9 +46,8 @@ def main() -> None:
     for quantized in (False, True):
         scorer = Scorer(["matching"], config={"matching": {"quantized": quantized}})
         values = [r.rewards["matching"] for r in scorer.score([bus] * 3, ["four people", "a person", "a cat"])]
-        print(
-            f"{'int8' if quantized else 'fp32'} bus.jpg: four people {values[0]:.3f} > a person {values[1]:.3f} > a cat {values[2]:.3f}"
-        )
+        label = "int8" if quantized else "fp32"
+        print(f"{label} bus.jpg: four people {values[0]:.3f} > a person {values[1]:.3f} > a cat {values[2]:.3f}")
 
 
 if __name__ == "__main__":
