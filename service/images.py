@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 
@@ -46,6 +46,14 @@ def _check_shape(width: int, height: int, limits: ImageLimits) -> None:
         )
     if min(width, height) < limits.min_side:
         raise ImageError("too_small", f"image is {width}x{height}; each side must be >= {limits.min_side} px")
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation. Only rotated images are transposed: exif_transpose copies every image it is
+    given, even one already upright, and this runs on every image the Scorer sees (PIL inputs included)."""
+    if image.getexif().get(ExifTags.Base.Orientation, 1) in (0, 1):
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -95,7 +103,7 @@ def decode_bytes(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Ima
     _check_shape(*image.size, limits)
     try:
         image.load()
-        image = ImageOps.exif_transpose(image)
+        image = _upright(image)
     except Exception as exc:
         raise ImageError("decode_failed", f"cannot decode image ({image.format}): {exc}") from None
     return _to_rgb(image)
@@ -121,7 +129,7 @@ def load_image(source: Any, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image
     """Decode one image given as a PIL image, a numpy array, encoded bytes or a local file path."""
     if isinstance(source, Image.Image):
         _check_shape(*source.size, limits)
-        return _to_rgb(ImageOps.exif_transpose(source))
+        return _to_rgb(_upright(source))
     if isinstance(source, np.ndarray):
         return decode_array(source, limits)
     if isinstance(source, (bytes, bytearray, memoryview)):

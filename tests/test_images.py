@@ -127,3 +127,11 @@ def test_paths_and_pil_images_go_through_the_same_checks(tmp_path):
     with pytest.raises(ImageError) as error:
         load_image(12345)
     assert error.value.code == "bad_type"
+
+
+def test_an_exif_rotated_pil_image_is_turned_upright_without_touching_the_callers_copy():
+    opened = Image.open(io.BytesIO(exif_rotated_jpeg()))
+    assert load_image(opened).size == (20, 40)
+    assert opened.size == (40, 20)
+    upright = Image.new("RGB", (40, 20))
+    assert load_image(upright) is upright  # no orientation: no copy on the hot path
