@@ -86,12 +86,16 @@ def cmd_score_folder(args: argparse.Namespace) -> int:
     default = ["geneval"] if layout == "geneval" else ["matching"]
     weights = dict(_parse_weight(item) for item in args.rewards or default)
     out_dir = Path(args.out) if args.out else root.with_name(root.name + ".rewardscope")
+    if args.server and args.engine == "ray":
+        print("--server and --engine ray exclude each other: Ray actors load the models themselves", file=sys.stderr)
+        return 2
+    backend: folders.Backend | None = None
     if args.server:
         from rewardscope_client import RewardClient
 
         client = RewardClient(args.server, token=os.environ.get("REWARDSCOPE_TOKEN"), chunk_size=args.batch_size)
-        backend: folders.Backend = folders.ClientBackend(client, weights)
-    else:
+        backend = folders.ClientBackend(client, weights)
+    elif args.engine == "local":
         from models import Scorer
 
         backend = folders.ScorerBackend(Scorer(weights, config=_reward_config(weights, args.variant)))
@@ -112,11 +116,13 @@ def cmd_score_folder(args: argparse.Namespace) -> int:
                 items, weights, config, out_dir, args.batch_size, args.ray_actors, args.ray_gpus, args.ray_address
             )
         else:
+            assert backend is not None
             stats = folders.score_items(items, backend, out_dir, args.batch_size, on_batch=advance)
         progress.update(task, completed=stats.skipped + stats.scored)
     rows = folders.read_rows(out_dir)
+    versions = folders.versions_of(rows)
     config = {"root": str(root), "layout": layout, "rewards": weights, "variant": args.variant, "server": args.server}
-    folders.write_run_config(out_dir, config, backend.versions())
+    folders.write_run_config(out_dir, config, versions)
     folders.write_parquet(out_dir, rows)
     summary = folders.summarise(rows, geneval_reward="geneval" if "geneval" in weights else None)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -124,7 +130,7 @@ def cmd_score_folder(args: argparse.Namespace) -> int:
     if args.report:
         from .report import write_report
 
-        print(f"report: {write_report(rows, Path(args.report), backend.versions())}")
+        print(f"report: {write_report(rows, Path(args.report), versions)}")
     if stats.interrupted:
         print(f"interrupted: {len(rows)} of {len(items)} rows written; rerun to resume", file=sys.stderr)
         return 130

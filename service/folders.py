@@ -122,8 +122,6 @@ class Backend(Protocol):
 
     def score(self, images: list[Any], prompts: list[str], metadata: list[dict | None]) -> list[dict[str, Any]]: ...
 
-    def versions(self) -> dict[str, str]: ...
-
 
 def decode_or_path(item: FolderItem) -> Any:
     """Read and decode on a worker thread; a file that fails is handed on as its path, so the Scorer's decoder
@@ -144,29 +142,22 @@ class ScorerBackend:
     def score(self, images, prompts, metadata):
         return [result.to_dict() for result in self.scorer.score(images, prompts, metadata)]
 
-    def versions(self) -> dict[str, str]:
-        return self.scorer.versions()
-
 
 class ClientBackend:
     """Through a running service: the same rows, scored remotely (images travel as their files)."""
 
     def __init__(self, client: Any, rewards: dict[str, float]) -> None:
-        self.client, self.rewards, self._versions = client, rewards, {}
+        self.client, self.rewards = client, rewards
 
     def prefetch(self, item: FolderItem) -> Any:
         return item.path  # the client sends the file's bytes unchanged; the service decodes
 
     def score(self, images, prompts, metadata):
         batch = self.client.score(images, prompts, metadata=metadata, rewards=self.rewards)
-        self._versions.update(batch.versions)
         return [
             {key: item.get(key) for key in ("rewards", "total", "details", "error", "error_code")}
             for item in batch.items
         ]
-
-    def versions(self) -> dict[str, str]:
-        return dict(self._versions)
 
 
 class ResultsWriter:
@@ -276,6 +267,16 @@ def score_items(
             writer.close()
     stats.seconds = time.perf_counter() - started
     return stats
+
+
+def versions_of(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """reward -> model version, as the rows' details name them (every scored row carries its versions)."""
+    versions: dict[str, str] = {}
+    for row in rows:
+        for name, details in (row.get("details") or {}).items():
+            if isinstance(details, dict) and "version" in details:
+                versions.setdefault(name, details["version"])
+    return versions
 
 
 def write_run_config(out_dir: Path, config: dict[str, Any], versions: dict[str, str]) -> None:

@@ -118,7 +118,7 @@ def write_report(rows: list[dict[str, Any]], directory: Path, versions: dict[str
         thumb = f"thumbs/{index:06d}.jpg"
         has_thumb = _thumbnail(row, directory / thumb)
         cells = [
-            f'<td>{f"<img class=thumb src={thumb!r} alt=thumbnail>" if has_thumb else "unreadable"}</td>',
+            f"<td>{f'<img class=thumb src={thumb!r} alt=thumbnail>' if has_thumb else 'unreadable'}</td>",
             f"<td>{html.escape(row['key'])}</td>",
             f"<td>{html.escape(row['prompt'])}</td>",
         ]
