@@ -67,7 +67,7 @@ def write_metadata(model_path: Path, metadata: dict[str, str]) -> None:
     model_path.with_suffix(".json").write_text(json.dumps(all_props, indent=2) + "\n")
 
 
-def _atomic_place(built: Path, target: Path) -> None:
+def atomic_place(built: Path, target: Path) -> None:
     """Move a finished file into place so concurrent first uses never see half an ONNX file."""
     target.parent.mkdir(parents=True, exist_ok=True)
     sidecar = built.with_suffix(".json")
@@ -117,7 +117,7 @@ def export_darknet(cfg_path: Path, weights_path: Path, names: list[str], output:
                 "model_version": version,
             },
         )
-        _atomic_place(built, output)
+        atomic_place(built, output)
     return output
 
 
@@ -180,5 +180,5 @@ def export_ultralytics(
                 **({"names": repr(dict(enumerate(names)))} if names is not None else {}),
             },
         )
-        _atomic_place(built, target)
+        atomic_place(built, target)
     return target

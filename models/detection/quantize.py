@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 
 from ..hf import file_sha256
 from .detector import OnnxDetector, letterbox_batch
-from .export import _atomic_place, cache_dir, write_metadata
+from .export import atomic_place, cache_dir, write_metadata
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def quantize_detector(source: Path, target: Path, calibration: Sequence[Image.Im
         metadata = {prop.key: prop.value for prop in onnx.load(str(source)).metadata_props}
         metadata["model_version"] = f"{float_detector.version}+int8"
         write_metadata(built, metadata)
-        _atomic_place(built, target)
+        atomic_place(built, target)
     return target
 
 
