@@ -34,6 +34,9 @@ class ServiceSettings(BaseModel):
     max_items: int = 256
     max_request_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 40_000_000
+    # /grad: pixels per image, and per forward+backward chunk (its activations are what holds memory).
+    max_grad_pixels: int = 1024 * 1024
+    grad_chunk_pixels: int = 4 * 512 * 512
     max_concurrency: int = 64
     timeout_s: int = 300
     token: str | None = Field(default=None, description="bearer token; required for non-loopback listening")

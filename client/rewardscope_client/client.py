@@ -23,6 +23,8 @@ from .protocol import (
     chunk_ranges,
     error_message,
     expect_list,
+    float_images,
+    grad_entry,
     group_chunks,
     item_entry,
     job_state,
@@ -32,7 +34,7 @@ from .protocol import (
     rewards_spec,
     split_by_bytes,
 )
-from .results import RewardServiceError, ScoreBatch
+from .results import GradBatch, RewardServiceError, ScoreBatch
 
 DEFAULT_URL = "http://127.0.0.1:3000"
 # Below the service's default 64 MiB request limit, with room for JSON overhead.
@@ -150,6 +152,26 @@ class _ClientBase:
         return _Plan(
             "/rank", "groups", chunks, build, {name: value for name, value in extra.items() if value is not None}
         )
+
+    def _grad_plan(
+        self,
+        images: Images,
+        prompts: str | Sequence[str],
+        rewards: str | RewardSpec | None,
+        profile: str | None,
+        dtype: str,
+    ) -> tuple[_Plan, list[tuple[int, ...]]]:
+        arrays = float_images(images)
+        prompt_list = [prompts] * len(arrays) if isinstance(prompts, str) else list(prompts)
+        if len(prompt_list) != len(arrays):
+            raise ValueError(f"got {len(arrays)} images and {len(prompt_list)} prompts: they must match one to one")
+        spec = rewards_spec(rewards)
+
+        def build(chunk: range) -> list[dict[str, Any]]:
+            return [grad_entry(arrays[i], prompt_list[i], dtype, rewards=spec, profile=profile) for i in chunk]
+
+        plan = _Plan("/grad", "items", chunk_ranges(len(arrays), self.chunk_size), build)
+        return plan, [array.shape for array in arrays]
 
     def _job_items(self, images: Images, prompts: str | Sequence[str], metadata: Metadata, **fields: Any) -> list:
         plan = self._score_plan(JOB_SUBMIT, images, prompts, metadata, **fields)
@@ -281,6 +303,19 @@ class RewardClient(_ClientBase):
             "/score", images, prompts, metadata, copy=True, rewards=rewards_spec(rewards), profile=profile
         )
         return self._pool("calls").submit(lambda: ScoreBatch.from_items(self._execute(plan)))
+
+    def grad(
+        self,
+        images: Images,
+        prompts: str | Sequence[str],
+        rewards: str | RewardSpec | None = None,
+        profile: str | None = None,
+        dtype: str = "float16",
+    ) -> GradBatch:
+        """Reward values and d(weighted total)/d(pixels): POST /grad. images: float [B, 3, H, W] in [0, 1]
+        (array or tensor) or a list of [3, H, W]; sent as `dtype` .npy. For autograd use RemoteReward."""
+        plan, shapes = self._grad_plan(images, prompts, rewards, profile, dtype)
+        return GradBatch.from_grad_items(self._execute(plan), shapes)
 
     def match(
         self,
@@ -476,6 +511,18 @@ class AsyncRewardClient(_ClientBase):
             return ScoreBatch.from_items(await self._execute(plan))
 
         return asyncio.ensure_future(run())
+
+    async def grad(
+        self,
+        images: Images,
+        prompts: str | Sequence[str],
+        rewards: str | RewardSpec | None = None,
+        profile: str | None = None,
+        dtype: str = "float16",
+    ) -> GradBatch:
+        """See RewardClient.grad."""
+        plan, shapes = self._grad_plan(images, prompts, rewards, profile, dtype)
+        return GradBatch.from_grad_items(await self._execute(plan), shapes)
 
     async def match(
         self,

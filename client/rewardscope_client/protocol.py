@@ -3,7 +3,9 @@ retry decisions and error messages. Nothing here sends a request."""
 
 from __future__ import annotations
 
+import base64
 import email.utils
+import io
 import math
 import random
 import time
@@ -12,8 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import numpy as np
 
-from .images import Encoding, encode_image, split_images
+from .images import Encoding, encode_image, is_torch_tensor, split_images
 from .results import RewardServiceError
 
 RewardSpec = Sequence[str] | Mapping[str, float]
@@ -147,6 +150,34 @@ def item_entry(
     entry: dict[str, Any] = {**encode_image(source, encoding), "prompt": prompt}
     if metadata:  # {} (a trainer's "no metadata") means the same as none: parse the prompt
         entry["metadata"] = dict(metadata)
+    entry.update({name: value for name, value in fields.items() if value is not None})
+    return entry
+
+
+GRAD_DTYPES = ("float16", "float32")
+
+
+def float_images(images: Any) -> list[np.ndarray]:
+    """/grad images -> float [3, H, W] arrays: a batched [B, 3, H, W] array/tensor or a sequence of [3, H, W]."""
+    if is_torch_tensor(images):
+        images = images.detach().float().cpu().numpy()
+    batch = [images[index] for index in range(images.shape[0])] if hasattr(images, "shape") else list(images)
+    arrays = []
+    for image in batch:
+        array = image.detach().float().cpu().numpy() if is_torch_tensor(image) else np.asarray(image)
+        if array.ndim != 3 or array.shape[0] != 3 or not np.issubdtype(array.dtype, np.floating):
+            raise ValueError(f"/grad takes float images [3, H, W] in [0, 1]; got {array.dtype} {list(array.shape)}")
+        arrays.append(array)
+    return arrays
+
+
+def grad_entry(array: np.ndarray, prompt: str, dtype: str, **fields: Any) -> dict[str, Any]:
+    """One GradItem body: the pixels as a float16/float32 .npy (values clipped to [0, 1])."""
+    if dtype not in GRAD_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(GRAD_DTYPES)}; got {dtype!r}")
+    buffer = io.BytesIO()
+    np.save(buffer, np.clip(array, 0.0, 1.0).astype(dtype), allow_pickle=False)
+    entry: dict[str, Any] = {"array": base64.b64encode(buffer.getvalue()).decode("ascii"), "prompt": prompt}
     entry.update({name: value for name, value in fields.items() if value is not None})
     return entry
 

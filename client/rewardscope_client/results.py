@@ -1,8 +1,11 @@
-"""What the client returns: ScoreBatch (per-item /score results as arrays, NaN where an item failed) and
+"""What the client returns: ScoreBatch (per-item /score results as arrays, NaN where an item failed), GradBatch
+(/grad: values and gradients) and
 RewardServiceError (a request the service refused or could not answer, after any retries)."""
 
 from __future__ import annotations
 
+import base64
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,3 +86,27 @@ class ScoreBatch:
     def valid(self) -> np.ndarray:
         """bool [N]: True where the item has a total (every requested reward scored)."""
         return np.isfinite(self.total)
+
+
+def _gradient(item: Mapping[str, Any], shape: tuple[int, ...]) -> np.ndarray:
+    """The float32 gradient of one /grad result: fp16 .npy times grad_scale; zeros for a failed item."""
+    if not item.get("grad"):
+        return np.zeros(shape, dtype=np.float32)
+    array = np.load(io.BytesIO(base64.b64decode(item["grad"])), allow_pickle=False)
+    if tuple(array.shape) != tuple(shape):
+        raise ValueError(f"/grad returned a gradient of shape {list(array.shape)} for an image of {list(shape)}")
+    return array.astype(np.float32) * np.float32(item.get("grad_scale") or 0.0)
+
+
+@dataclass
+class GradBatch(ScoreBatch):
+    """ScoreBatch plus grads: one float32 [3, H, W] array per item, d(total)/d(pixels); zeros where the item
+    failed (its total is NaN: mask with `valid`)."""
+
+    grads: list[np.ndarray] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def from_grad_items(cls, items: Sequence[Mapping[str, Any]], shapes: Sequence[tuple[int, ...]]) -> GradBatch:
+        scores = ScoreBatch.from_items(items)
+        grads = [_gradient(item, shape) for item, shape in zip(items, shapes, strict=True)]
+        return cls(**{name: getattr(scores, name) for name in scores.__dataclass_fields__}, grads=grads)

@@ -53,6 +53,12 @@ def _embedded_files() -> tuple[Path, Path, Path]:
     return files  # type: ignore[return-value]
 
 
+def embedded_class_names(names_path: Path) -> list[str]:
+    """Darknet's coco.names with the six Darknet spellings mapped to the COCO vocabulary."""
+    names = [DARKNET_TO_COCO.get(line.strip(), line.strip()) for line in names_path.read_text().splitlines()]
+    return [name for name in names if name]
+
+
 def write_metadata(model_path: Path, metadata: dict[str, str]) -> None:
     """Set ONNX metadata_props (replacing keys already there) and write the same as JSON beside the model."""
     model = onnx.load(str(model_path))
@@ -128,8 +134,7 @@ def embedded_detector_path(directory: Path | None = None) -> Path:
     target = (directory or cache_dir()) / f"{EMBEDDED_NAME}-{weights_hash}.onnx"
     if target.exists():
         return target
-    names = [DARKNET_TO_COCO.get(line.strip(), line.strip()) for line in names_path.read_text().splitlines()]
-    names = [name for name in names if name]
+    names = embedded_class_names(names_path)
     log.info("converting embedded %s (weights %s) to ONNX at %s", EMBEDDED_NAME, weights_hash, target)
     return export_darknet(cfg_path, weights_path, names, target, version=f"{EMBEDDED_NAME}-darknet@{weights_hash}")
 

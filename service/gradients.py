@@ -1,0 +1,173 @@
+"""POST /grad: reward values and d(weighted total)/d(image) for float images, so a training job can put a remote
+reward inside autograd (client: rewardscope_client.RemoteReward). The math is models/gradients.py; here are the
+transport (float16/float32 .npy in, scaled float16 .npy out), the limits, and grouping into same-size chunks."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.gradients import DIFFERENTIABLE, NotDifferentiableError, gradient_reward, reward_gradients
+
+from .engine import RequestItemError, RewardEngine
+from .images import ImageError, decode_base64
+from .schemas import RewardSpec
+
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
+
+
+class GradItem(BaseModel):
+    """One float image and its prompt."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"example": {"array": "<base64 .npy float16 [3, H, W]>", "prompt": "five people"}},
+    )
+
+    array: str = Field(description="base64 of a .npy float16 or float32 array [3, H, W] with values in [0, 1]")
+    prompt: str = Field(max_length=2000)
+    rewards: RewardSpec | None = Field(
+        default=None, description=f"names or {{name: weight}} among the served differentiable ones: {DIFFERENTIABLE}"
+    )
+    profile: str | None = None
+
+
+class GradResult(BaseModel):
+    """Values per reward (null where it failed), the weighted total, and d(total)/d(image) = grad * grad_scale."""
+
+    rewards: dict[str, float | None] = Field(default_factory=dict)
+    total: float | None = None
+    grad: str | None = Field(default=None, description="base64 .npy float16 [3, H, W]; multiply by grad_scale")
+    grad_scale: float | None = Field(default=None, description="max |d total / d pixel|: fp16 keeps the shape")
+    details: dict[str, Any] = Field(default_factory=dict)
+    error: str | None = None
+    error_code: str | None = None
+    versions: dict[str, str] = Field(default_factory=dict)
+
+
+def encode_gradient(grad: torch.Tensor) -> tuple[str, float]:
+    """float32 [3, H, W] -> (base64 .npy float16 of grad / scale, scale). Scaling by the largest magnitude keeps
+    fp16's 11 bits of precision for the gradient's large entries instead of flushing small gradients to 0."""
+    array = grad.detach().cpu().float().numpy()
+    scale = float(np.abs(array).max()) if array.size else 0.0
+    scaled = array / scale if scale > 0 else array
+    buffer = io.BytesIO()
+    np.save(buffer, scaled.astype(np.float16), allow_pickle=False)
+    return base64.b64encode(buffer.getvalue()).decode(), scale
+
+
+def decode_pixels(text: str, engine: RewardEngine) -> torch.Tensor:
+    """base64 .npy float16/float32 [3, H, W] in [0, 1] -> float32 tensor, with the service's byte and pixel
+    limits; object arrays are refused (no unpickling)."""
+    limits = engine.limits
+    data = decode_base64(text, limits)
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001  numpy raises many types for malformed files
+        raise ImageError("bad_array", f"not a plain .npy array (object arrays are refused): {exc}") from None
+    if not isinstance(array, np.ndarray) or array.dtype not in FLOAT_DTYPES:
+        raise ImageError("bad_array", f"/grad takes float16 or float32 arrays, got {getattr(array, 'dtype', '?')}")
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 3 or array.shape[0] != 3:
+        raise ImageError("bad_array", f"/grad takes one image [3, H, W] per item, got shape {list(array.shape)}")
+    height, width = array.shape[1:]
+    max_pixels = engine.settings.max_grad_pixels
+    if height * width > max_pixels:
+        raise ImageError("too_many_pixels", f"image is {width}x{height}; /grad allows {max_pixels} pixels")
+    if min(height, width) < limits.min_side:
+        raise ImageError("too_small", f"image is {width}x{height}; each side must be >= {limits.min_side} px")
+    if not np.isfinite(array).all():
+        raise ImageError("non_finite", "array holds NaN or infinity")
+    if array.min() < 0 or array.max() > 1:
+        raise ImageError("out_of_range", f"pixel values must lie in [0, 1]; got [{array.min()}, {array.max()}]")
+    return torch.from_numpy(array.astype(np.float32))
+
+
+class GradientEngine:
+    """Builds the differentiable form of each served reward on first use (sharing the Scorer's models) and
+    answers /grad items in same-size chunks of at most `grad_chunk_pixels` pixels (backward memory)."""
+
+    def __init__(self, engine: RewardEngine) -> None:
+        self.engine = engine
+        self._rewards: dict[tuple[str, str], Any] = {}
+        self._lock = threading.Lock()
+
+    def _reward(self, name: str, profile: str) -> Any:
+        key = (name, profile)
+        with self._lock:
+            if key not in self._rewards:
+                scorer = self.engine.scorer({name: 1.0}, profile)
+                options = self.engine.settings.config.get(name, {}).get("torch_detector")
+                self._rewards[key] = gradient_reward(name, scorer.rewards[name], options)
+            return self._rewards[key]
+
+    def _prepare(self, item: GradItem) -> tuple[dict[str, float], str, dict[str, Any], torch.Tensor]:
+        profile = self.engine._profile(item.profile)
+        weights = self.engine._weights(item.rewards)
+        rewards = {}
+        for name in weights:
+            try:
+                rewards[name] = self._reward(name, profile)
+            except NotDifferentiableError as exc:
+                raise RequestItemError("not_differentiable", str(exc)) from None
+        return weights, profile, rewards, decode_pixels(item.array, self.engine)
+
+    def grad(self, items: Sequence[GradItem]) -> list[GradResult]:
+        out: list[GradResult | None] = [None] * len(items)
+        groups: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
+        prepared: dict[tuple, dict[str, Any]] = {}
+        for index, item in enumerate(items):
+            try:
+                weights, profile, rewards, pixels = self._prepare(item)
+            except (RequestItemError, ImageError) as exc:
+                out[index] = GradResult(error=str(exc), error_code=exc.code)
+                continue
+            key = (tuple(sorted(weights.items())), profile, tuple(pixels.shape))
+            groups.setdefault(key, []).append((index, pixels))
+            prepared[key] = rewards
+        chunk_pixels = max(1, self.engine.settings.grad_chunk_pixels)
+        for key, members in groups.items():
+            weights, rewards = dict(key[0]), prepared[key]
+            per_chunk = max(1, chunk_pixels // (key[2][1] * key[2][2]))
+            for start in range(0, len(members), per_chunk):
+                chunk = members[start : start + per_chunk]
+                result = reward_gradients(
+                    rewards,
+                    weights,
+                    torch.stack([pixels for _, pixels in chunk]),
+                    [items[index].prompt for index, _ in chunk],
+                )
+                versions = {name: reward.version for name, reward in rewards.items()}
+                for row, (index, _) in enumerate(chunk):
+                    out[index] = self._result(result, row, versions)
+        return out  # type: ignore[return-value]
+
+    @staticmethod
+    def _result(result: Any, row: int, versions: dict[str, str]) -> GradResult:
+        values = {name: _finite(value[row]) for name, value in result.rewards.items()}
+        if row in result.errors:
+            code, message = result.errors[row]
+            return GradResult(rewards=values, details=result.details[row], error=message, error_code=code)
+        encoded, scale = encode_gradient(result.grad[row])
+        return GradResult(
+            rewards=values,
+            total=_finite(result.total[row]),
+            grad=encoded,
+            grad_scale=scale,
+            details=result.details[row],
+            versions=versions,
+        )
+
+
+def _finite(value: torch.Tensor) -> float | None:
+    number = float(value)
+    return number if math.isfinite(number) else None
