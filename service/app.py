@@ -20,6 +20,7 @@ from starlette.routing import Route
 from . import metrics
 from .engine import RewardEngine
 from .golden import check
+from .gradients import GradientEngine, GradItem, GradResult
 from .guard import GuardMiddleware
 from .schemas import ItemResult, MatchItem, MatchResult, RankGroup, RankOptions, RankResult, RewardSpec, ScoreItem
 from .settings import ServiceSettings
@@ -29,6 +30,7 @@ SETTINGS = ServiceSettings.from_env()
 
 Items = Annotated[list[ScoreItem], Field(max_length=SETTINGS.max_items)]
 MatchItems = Annotated[list[MatchItem], Field(max_length=SETTINGS.max_items)]
+GradItems = Annotated[list[GradItem], Field(max_length=SETTINGS.max_items)]
 BATCHING = {"batchable": True, "max_batch_size": SETTINGS.max_batch_size, "max_latency_ms": SETTINGS.max_latency_ms}
 
 
@@ -41,6 +43,7 @@ BATCHING = {"batchable": True, "max_batch_size": SETTINGS.max_batch_size, "max_l
 class RewardService:
     def __init__(self) -> None:
         self.engine = RewardEngine(SETTINGS)
+        self.gradients = GradientEngine(self.engine)
         self.golden = None
         if SETTINGS.golden_check:
             self.golden = check(
@@ -60,6 +63,12 @@ class RewardService:
     def match(self, items: MatchItems) -> list[MatchResult]:
         """Detection matching score with its breakdown and boxes; variant seed, geneval or numeracy."""
         return self.engine.match(items)
+
+    @bentoml.api(route="/grad", **BATCHING)
+    def grad(self, items: GradItems) -> list[GradResult]:
+        """Reward values and d(weighted total)/d(image) for float images [3, H, W] in [0, 1] (float16/32 .npy);
+        the gradient comes back as float16 .npy scaled to max |g| = 1, with grad_scale to undo it."""
+        return self.gradients.grad(items)
 
     @bentoml.api(route="/rank")
     def rank(
