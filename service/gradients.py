@@ -35,7 +35,9 @@ class GradItem(BaseModel):
     array: str = Field(description="base64 of a .npy float16 or float32 array [3, H, W] with values in [0, 1]")
     prompt: str = Field(max_length=2000)
     rewards: RewardSpec | None = Field(
-        default=None, description=f"names or {{name: weight}} among the served differentiable ones: {DIFFERENTIABLE}"
+        default=None,
+        description=f"names or {{name: weight}} among the served differentiable ones ({', '.join(DIFFERENTIABLE)}); "
+        "default: every served reward that is differentiable",
     )
     profile: str | None = None
 
@@ -110,9 +112,22 @@ class GradientEngine:
                 self._rewards[key] = gradient_reward(name, scorer.rewards[name], options)
             return self._rewards[key]
 
+    def _default_weights(self, profile: str) -> dict[str, float]:
+        """Without `rewards`, /grad uses the served rewards that have a differentiable form."""
+        weights = {}
+        for name, weight in self.engine.default_weights.items():
+            try:
+                self._reward(name, profile)
+            except NotDifferentiableError:
+                continue
+            weights[name] = weight
+        if not weights:
+            raise RequestItemError("not_differentiable", f"no served reward is one of {', '.join(DIFFERENTIABLE)}")
+        return weights
+
     def _prepare(self, item: GradItem) -> tuple[dict[str, float], str, dict[str, Any], torch.Tensor]:
         profile = self.engine._profile(item.profile)
-        weights = self.engine._weights(item.rewards)
+        weights = self._default_weights(profile) if item.rewards is None else self.engine._weights(item.rewards)
         rewards = {}
         for name in weights:
             try:

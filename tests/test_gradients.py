@@ -284,7 +284,7 @@ def test_ten_remote_gradient_steps_raise_the_matching_score_of_a_failed_prompt(s
             leaf = pixels.clone().requires_grad_(True)
             reward = remote_reward(leaf, prompt, client, rewards={"matching": 1.0})
             reward.sum().backward()
-            history.append(float(reward))
+            history.append(float(reward.detach()))
             pixels = (pixels + leaf.grad.sign() / 255).clamp(0, 1)
         final = float(remote_reward(pixels, prompt, client, rewards={"matching": 1.0}))
         after_soft = soft_score(pixels)
