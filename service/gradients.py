@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models.gradients import DIFFERENTIABLE, NotDifferentiableError, gradient_reward, reward_gradients
 
+from . import metrics
 from .engine import RequestItemError, RewardEngine
 from .images import ImageError, decode_base64
 from .schemas import RewardSpec
@@ -137,6 +138,7 @@ class GradientEngine:
         return weights, profile, rewards, decode_pixels(item.array, self.engine)
 
     def grad(self, items: Sequence[GradItem]) -> list[GradResult]:
+        metrics.BATCH_SIZE.labels(endpoint="grad").observe(len(items))
         out: list[GradResult | None] = [None] * len(items)
         groups: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
         prepared: dict[tuple, dict[str, Any]] = {}
@@ -164,6 +166,10 @@ class GradientEngine:
                 versions = {name: reward.version for name, reward in rewards.items()}
                 for row, (index, _) in enumerate(chunk):
                     out[index] = self._result(result, row, versions)
+        metrics.ITEMS.labels(endpoint="grad").inc(len(items))
+        for answer in out:
+            if answer is not None and answer.error_code:
+                metrics.ERRORS.labels(code=answer.error_code).inc()
         return out  # type: ignore[return-value]
 
     @staticmethod
