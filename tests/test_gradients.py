@@ -170,6 +170,29 @@ def test_gradients_of_failed_items_are_zero_and_the_rest_are_kept(torch_detector
     torch.testing.assert_close(result.grad[2:], alone.grad, atol=1e-5, rtol=1e-3)
 
 
+def test_a_served_ultralytics_detector_needs_its_torch_twin_configured(yolov8n_onnx, tmp_path, bus):
+    from safetensors.torch import save_file
+    from ultralytics.nn.tasks import DetectionModel
+
+    from models.detection.matching import MatchingReward
+    from models.detection.prompt import COCO_CLASSES
+
+    reward = MatchingReward(detector=str(yolov8n_onnx))
+    with pytest.raises(NotDifferentiableError, match="no torch twin configured"):
+        gradient_reward("matching", reward)
+    weights = tmp_path / "yolov8n-twin.safetensors"
+    network = DetectionModel("yolov8n.yaml", nc=len(COCO_CLASSES), verbose=False)
+    save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(weights))
+    twin = {"config": "yolov8n.yaml", "weights": str(weights), "names": list(COCO_CLASSES), "imgsz": 320}
+    differentiable = gradient_reward("matching", reward, twin)
+    assert differentiable.detector.version.startswith("yolov8n-twin@")
+    pixels = pixels_of(bus, (96, 128)).requires_grad_(True)
+    differentiable(pixels, ["two people"]).values.sum().backward()
+    assert pixels.grad is not None and torch.isfinite(pixels.grad).all()
+    with pytest.raises(NotDifferentiableError, match="classes differ"):
+        gradient_reward("matching", reward, {**twin, "names": [f"c{i}" for i in range(len(COCO_CLASSES))]})
+
+
 def test_rewards_without_a_differentiable_form_are_refused():
     with pytest.raises(NotDifferentiableError, match="no differentiable form"):
         gradient_reward("vqa", object())
