@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .hf import resolve_model
+from .hf import require_safetensors, resolve_model
 from .types import Sample
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,9 @@ class ClipBackbone:
         directory = source.path
         processor_dir = resolve_model(processor).path if processor else directory
         self.directory, self.device, self.dtype = directory, device, dtype
-        self.model = CLIPModel.from_pretrained(directory, local_files_only=True).to(device=device, dtype=dtype).eval()
+        require_safetensors(source)  # weights from safetensors only: never a pickled pytorch_model.bin
+        model = CLIPModel.from_pretrained(directory, local_files_only=True, use_safetensors=True)
+        self.model = model.to(device=device, dtype=dtype).eval()
         self.processor = AutoProcessor.from_pretrained(processor_dir, local_files_only=True)
         self.version = source.version
         self.max_text_tokens = int(self.model.config.text_config.max_position_embeddings)

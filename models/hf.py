@@ -17,9 +17,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-# What a hub download fetches: configs, weights and tokenizer files (never TF/Flax/ONNX duplicates).
+# What a hub download fetches: configs, safetensors weights and tokenizer files. Never PyTorch .bin files: they
+# are pickles, which can run code when loaded, and model weights load from safetensors only (load_pretrained).
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
-HUB_FALLBACK_PATTERNS = ["*.json", "*.bin", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -110,8 +111,6 @@ def _hub_directory(repo_id: str) -> Path:
             ) from None
     try:
         directory = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
-        if not _weight_files(directory):  # repositories that publish only PyTorch pickles
-            directory = Path(snapshot_download(repo_id, allow_patterns=HUB_FALLBACK_PATTERNS))
     except Exception as exc:
         raise ModelNotFoundError(f"model {repo_id!r} could not be fetched from the hub: {exc}") from exc
     return directory
@@ -155,11 +154,36 @@ def choose_dtype(dtype: str, device: torch.device) -> torch.dtype:
         raise ValueError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {dtype!r}") from None
 
 
+def loads_weights(loader: Any) -> bool:
+    """Whether loader.from_pretrained reads model weights: a PreTrainedModel class or an Auto model class (those
+    carry a `_model_mapping`). Tokenizers, processors and configs read JSON and text files only."""
+    from transformers import PreTrainedModel
+
+    return isinstance(loader, type) and (issubclass(loader, PreTrainedModel) or hasattr(loader, "_model_mapping"))
+
+
+def require_safetensors(source: ModelSource) -> None:
+    """Model weights load from safetensors only: a .bin/.pt/.pth checkpoint is a pickle, which can run code when
+    loaded. Raises ModelNotFoundError naming the pickled files and how to convert them."""
+    if any(source.path.glob("*.safetensors")):
+        return
+    pickled = sorted(file.name for pattern in PICKLE_PATTERNS for file in source.path.glob(pattern))
+    found = f"only pickled PyTorch weights ({', '.join(pickled)})" if pickled else "no weight files"
+    raise ModelNotFoundError(
+        f"{source.name} at {source.path} has {found}; model weights are loaded from safetensors only. Convert them "
+        "where you trust the files: Model.from_pretrained(path).save_pretrained(path) writes model.safetensors"
+    )
+
+
 def load_pretrained(
     loader: Callable[..., Any], source: ModelSource, device: torch.device | None = None, **kwargs: Any
 ) -> Any:
     """loader.from_pretrained(source.path, **kwargs), moved to `device` and set to eval mode when it is a model.
-    Always from the resolved local directory: the hub is consulted once, in resolve_model."""
+    Always from the resolved local directory: the hub is consulted once, in resolve_model. A model's weights load
+    with use_safetensors=True: transformers never falls back to a pickled pytorch_model.bin."""
+    if loads_weights(loader):
+        require_safetensors(source)
+        kwargs = {**kwargs, "use_safetensors": True}
     try:
         loaded = loader.from_pretrained(source.path, local_files_only=True, **kwargs)
     except (OSError, ValueError) as exc:

@@ -3,6 +3,7 @@ per-item results with error codes, ranking, the /rewards description and metrics
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -31,7 +32,7 @@ from .settings import PROFILES, ServiceSettings
 
 log = logging.getLogger(__name__)
 
-ScorerKey = tuple[tuple[tuple[str, float], ...], str, str | None]
+ScorerKey = tuple[tuple[str, ...], str, str | None]
 
 
 class RequestItemError(ValueError):
@@ -75,7 +76,10 @@ class RewardEngine:
         return profile
 
     def scorer(self, weights: dict[str, float], profile: str, variant: str | None = None) -> Scorer:
-        key: ScorerKey = (tuple(sorted(weights.items())), profile, variant)
+        """A Scorer for these weights. Cached per (reward names, profile, variant), not per weights: weights come
+        from requests, and a cache keyed by them would grow with every distinct value a client sends. Other
+        weights get a shallow copy that shares the cached Scorer's loaded rewards; only the total differs."""
+        key: ScorerKey = (tuple(sorted(weights)), profile, variant)
         with self._lock:
             if key not in self._scorers:
                 started = time.perf_counter()
@@ -83,12 +87,17 @@ class RewardEngine:
                 if variant is not None:
                     config["matching"] = {**config.get("matching", {}), "variant": variant}
                 self._scorers[key] = Scorer(
-                    weights, config=config, image_limits=self.limits, observer=metrics.observe_reward
+                    dict(weights), config=config, image_limits=self.limits, observer=metrics.observe_reward
                 )
                 seconds = time.perf_counter() - started
                 metrics.MODEL_LOAD.labels(rewards=",".join(sorted(weights))).set(seconds)
                 log.info("loaded scorer %s (profile %s) in %.2fs", dict(weights), profile, seconds)
-            return self._scorers[key]
+            cached = self._scorers[key]
+        if cached.weights == weights:
+            return cached
+        weighted = copy.copy(cached)
+        weighted.weights = dict(weights)
+        return weighted
 
     # -- Items -------------------------------------------------------------------------------------------
     def _image(self, item: ImageInput) -> Any:
@@ -103,7 +112,7 @@ class RewardEngine:
         """Score items grouped by (rewards, profile, variant); per item: result, profile, versions."""
         metrics.BATCH_SIZE.labels(endpoint=endpoint).observe(len(items))
         out: list[tuple[ScoreResult, str, dict[str, str]] | None] = [None] * len(items)
-        groups: dict[ScorerKey, list[tuple[int, Any]]] = {}
+        groups: dict[tuple[tuple[tuple[str, float], ...], str, str | None], list[tuple[int, Any]]] = {}
         for index, (item, variant) in enumerate(zip(items, variants, strict=True)):
             profile = item.profile or self.settings.profile
             weights = self.default_weights if variant is None else {"matching": 1.0}
@@ -117,8 +126,8 @@ class RewardEngine:
                 failed.add_error(str(exc), exc.code)
                 out[index] = (failed, profile, {})
                 continue
-            key = (tuple(sorted(weights.items())), profile, variant)
-            groups.setdefault(key, []).append((index, image))
+            group = (tuple(sorted(weights.items())), profile, variant)
+            groups.setdefault(group, []).append((index, image))
         for (weights, profile, variant), members in groups.items():
             scorer = self.scorer(dict(weights), profile, variant)
             results = scorer.score(

@@ -1,5 +1,7 @@
 """The one image decoder: bytes, paths, PIL images and uint8 arrays -> RGB PIL image.
-Enforces size, pixel and format limits before pixels are decoded, applies EXIF orientation."""
+Enforces size, pixel and format limits before pixels are decoded, applies EXIF orientation.
+Animated or multi-page files (GIF, APNG, WebP, TIFF) are scored on their first frame, the one every viewer shows
+first and the one PIL opens: later frames are never decoded, so a long animation costs no more than a still."""
 
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ class ImageLimits:
     # 20000 x 20000 is 400 MP: far beyond any generator's output, and a decompression-bomb shape.
     max_pixels: int = 40_000_000
     min_side: int = 8
+    # Beyond 20:1 a detector's square letterbox (416 px) leaves the short side under 21 px: a sliver no reward
+    # model can read, whose score would be an artefact (often 0), not a measurement.
+    max_aspect_ratio: float = 20.0
     formats: tuple[str, ...] = ALLOWED_FORMATS
 
 
@@ -46,6 +51,12 @@ def _check_shape(width: int, height: int, limits: ImageLimits) -> None:
         )
     if min(width, height) < limits.min_side:
         raise ImageError("too_small", f"image is {width}x{height}; each side must be >= {limits.min_side} px")
+    if max(width, height) > limits.max_aspect_ratio * min(width, height):
+        raise ImageError(
+            "too_small",
+            f"image is {width}x{height}; its short side is too small for its long side "
+            f"(aspect ratio at most {limits.max_aspect_ratio:g}:1)",
+        )
 
 
 def _upright(image: Image.Image) -> Image.Image:
@@ -118,11 +129,17 @@ def decode_array(array: np.ndarray, limits: ImageLimits = DEFAULT_LIMITS) -> Ima
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
         raise ImageError("bad_array", f"array shape {array.shape} is not HW or HWC with C in (1, 3, 4)")
     _check_shape(array.shape[1], array.shape[0], limits)
-    if array.dtype == np.uint16:
-        array = (array >> 8).astype(np.uint8)
-    elif array.dtype != np.uint8:
-        raise ImageError("bad_array", f"array dtype {array.dtype} is not uint8 (or uint16)")
-    return _to_rgb(Image.fromarray(np.ascontiguousarray(array)))
+    _check_dtype(array.dtype)
+    if array.dtype.itemsize == 2:  # either byte order: astype gives native uint16
+        array = (array.astype(np.uint16) >> 8).astype(np.uint8)
+    return _to_rgb(Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)))
+
+
+def _check_dtype(dtype: np.dtype) -> None:
+    if dtype.kind == "u" and dtype.itemsize in (1, 2) and dtype.fields is None:
+        return
+    hint = "; scale floats in [0, 1] with (x * 255).round().astype(np.uint8)" if dtype.kind == "f" else ""
+    raise ImageError("bad_array", f"array dtype {dtype} is not uint8 (or uint16){hint}")
 
 
 def load_image(source: Any, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
@@ -148,16 +165,37 @@ def load_image(source: Any, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image
 
 
 def decode_npy(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
-    """A .npy file's bytes (uint8 HW or HWC) -> RGB PIL image. Object arrays are refused: no unpickling."""
+    """A .npy file's bytes (uint8/uint16, HW or HWC) -> RGB PIL image. The header's dtype and shape are checked
+    before anything is allocated (a few bytes may declare a 100 GB array), and object arrays are refused: no
+    unpickling. The pixels are then a view of `data`, which must hold exactly what the header declares."""
     if len(data) > limits.max_bytes:
         raise ImageError("too_many_bytes", f"array is {len(data)} bytes; the limit is {limits.max_bytes}")
+    stream = io.BytesIO(data)
     try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-    except ValueError as exc:
-        raise ImageError("bad_array", f"not a plain .npy array (object arrays are refused): {exc}") from None
-    except Exception as exc:
-        raise ImageError("bad_array", f"cannot read .npy data: {exc}") from None
-    return decode_array(array, limits)
+        version = np.lib.format.read_magic(stream)
+        if version not in ((1, 0), (2, 0)):  # 3.0 exists only for structured dtypes with non-latin-1 field names
+            raise ValueError(f"format version {version} is not supported")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(stream)
+    except Exception as exc:  # numpy raises ValueError, EOFError, SyntaxError... on malformed headers
+        raise ImageError("bad_array", f"not a plain .npy array: {exc}") from None
+    if dtype.hasobject:
+        raise ImageError("bad_array", "object arrays are refused (loading them would unpickle request data)")
+    _check_dtype(dtype)
+    if len(shape) == 3 and shape[2] == 1:
+        shape = shape[:2]
+    if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (3, 4)):
+        raise ImageError("bad_array", f"array shape {tuple(shape)} is not HW or HWC with C in (1, 3, 4)")
+    _check_shape(shape[1], shape[0], limits)
+    declared = int(np.prod(shape)) * dtype.itemsize
+    offset = stream.tell()
+    if len(data) - offset != declared:
+        raise ImageError(
+            "bad_array",
+            f"the header declares {tuple(shape)} {dtype} ({declared} bytes) but {len(data) - offset} bytes follow",
+        )
+    array = np.frombuffer(data, dtype=dtype, count=declared // dtype.itemsize, offset=offset)
+    return decode_array(array.reshape(shape, order="F" if fortran_order else "C"), limits)
 
 
 def decode_base64(text: str, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:

@@ -3,11 +3,24 @@ Images travel as base64 of an encoded file (PNG, JPEG, WebP) or of a .npy uint8 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-RewardSpec = list[str] | dict[str, float]
+MAX_WEIGHT = 1e6
+# A weight scales one reward inside the total. Every reward is higher-is-better, so a negative weight would make a
+# training loop optimise the opposite; NaN or inf would poison every total (and is not JSON); MAX_WEIGHT keeps
+# totals far inside float range (1e308 x two rewards overflows to inf).
+Weight = Annotated[float, Field(ge=0, le=MAX_WEIGHT, allow_inf_nan=False)]
+
+
+def _some_weight_positive(weights: dict[str, float]) -> dict[str, float]:
+    if weights and not any(weight > 0 for weight in weights.values()):
+        raise ValueError("at least one reward weight must be > 0 (with every weight 0 each total would be 0)")
+    return weights
+
+
+RewardSpec = list[str] | Annotated[dict[str, Weight], AfterValidator(_some_weight_positive)]
 
 EXAMPLE_IMAGE = "<base64 of a PNG/JPEG/WebP file>"
 
@@ -114,7 +127,14 @@ class RankOptions(BaseModel):
     likelihood_weights: Literal["softmax", "minmax"] | None = Field(
         default=None, description="also return per-candidate reward-weighted-likelihood weights"
     )
-    temperature: float = Field(default=1.0, gt=0, description="softmax temperature for likelihood_weights")
+    temperature: float = Field(
+        default=1.0,
+        gt=0,
+        description="softmax temperature for likelihood_weights",
+        # BentoML serves OpenAPI 3.0, where exclusiveMinimum is a flag beside minimum; pydantic writes the
+        # JSON Schema 2020 number, which 3.0 tools (schemathesis, generators) reject.
+        json_schema_extra={"minimum": 0, "exclusiveMinimum": True},
+    )
 
 
 class RankResult(BaseModel):
