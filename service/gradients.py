@@ -19,7 +19,7 @@ from models.gradients import DIFFERENTIABLE, NotDifferentiableError, gradient_re
 
 from . import metrics
 from .engine import RequestItemError, RewardEngine
-from .images import ImageError, decode_base64
+from .images import ImageError, decode_base64, read_npy
 from .schemas import RewardSpec
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
@@ -68,30 +68,30 @@ def encode_gradient(grad: torch.Tensor) -> tuple[str, float]:
 
 
 def decode_pixels(text: str, engine: RewardEngine) -> torch.Tensor:
-    """base64 .npy float16/float32 [3, H, W] in [0, 1] -> float32 tensor, with the service's byte and pixel
-    limits; object arrays are refused (no unpickling)."""
-    limits = engine.limits
-    data = decode_base64(text, limits)
-    try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as exc:  # noqa: BLE001  numpy raises many types for malformed files
-        raise ImageError("bad_array", f"not a plain .npy array (object arrays are refused): {exc}") from None
-    if not isinstance(array, np.ndarray) or array.dtype not in FLOAT_DTYPES:
-        raise ImageError("bad_array", f"/grad takes float16 or float32 arrays, got {getattr(array, 'dtype', '?')}")
-    if array.ndim == 4 and array.shape[0] == 1:
-        array = array[0]
-    if array.ndim != 3 or array.shape[0] != 3:
-        raise ImageError("bad_array", f"/grad takes one image [3, H, W] per item, got shape {list(array.shape)}")
-    height, width = array.shape[1:]
-    max_pixels = engine.settings.max_grad_pixels
-    if height * width > max_pixels:
-        raise ImageError("too_many_pixels", f"image is {width}x{height}; /grad allows {max_pixels} pixels")
-    if min(height, width) < limits.min_side:
-        raise ImageError("too_small", f"image is {width}x{height}; each side must be >= {limits.min_side} px")
+    """base64 .npy float16/float32 [3, H, W] (or [1, 3, H, W]) in [0, 1] -> float32 tensor, with the service's
+    byte limit and /grad's pixel limit checked on the header before the pixels are touched (images.read_npy)."""
+    limits, max_pixels = engine.limits, engine.settings.max_grad_pixels
+
+    def check(shape: tuple[int, ...], dtype: np.dtype) -> None:
+        if dtype not in FLOAT_DTYPES:
+            raise ImageError("bad_array", f"/grad takes float16 or float32 arrays in [0, 1], got {dtype}")
+        if len(shape) == 4 and shape[0] == 1:
+            shape = shape[1:]
+        if len(shape) != 3 or shape[0] != 3:
+            raise ImageError("bad_array", f"/grad takes one image [3, H, W] per item, got shape {list(shape)}")
+        height, width = shape[1:]
+        if height * width > max_pixels:
+            raise ImageError("too_many_pixels", f"image is {width}x{height}; /grad allows {max_pixels} pixels")
+        if min(height, width) < limits.min_side:
+            raise ImageError("too_small", f"image is {width}x{height}; each side must be >= {limits.min_side} px")
+
+    array = read_npy(decode_base64(text, limits), limits, check)
+    array = array.reshape(array.shape[-3:])
     if not np.isfinite(array).all():
         raise ImageError("non_finite", "array holds NaN or infinity")
-    if array.min() < 0 or array.max() > 1:
-        raise ImageError("out_of_range", f"pixel values must lie in [0, 1]; got [{array.min()}, {array.max()}]")
+    low, high = float(array.min()), float(array.max())
+    if low < 0 or high > 1:
+        raise ImageError("out_of_range", f"pixel values must lie in [0, 1]; got [{low}, {high}]")
     return torch.from_numpy(array.astype(np.float32))
 
 

@@ -10,6 +10,7 @@ import binascii
 import io
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,10 +165,10 @@ def load_image(source: Any, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image
     raise ImageError("bad_type", f"cannot read an image from a {type(source).__name__}")
 
 
-def decode_npy(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
-    """A .npy file's bytes (uint8/uint16, HW or HWC) -> RGB PIL image. The header's dtype and shape are checked
-    before anything is allocated (a few bytes may declare a 100 GB array), and object arrays are refused: no
-    unpickling. The pixels are then a view of `data`, which must hold exactly what the header declares."""
+def read_npy(data: bytes, limits: ImageLimits, check: Callable[[tuple[int, ...], np.dtype], None]) -> np.ndarray:
+    """A .npy file's bytes -> an array viewing `data`. The header's dtype and shape are checked (by `check`, which
+    raises ImageError) before anything is allocated: a few bytes may declare a 100 GB array. Object arrays are
+    refused: no unpickling. `data` must hold exactly what the header declares."""
     if len(data) > limits.max_bytes:
         raise ImageError("too_many_bytes", f"array is {len(data)} bytes; the limit is {limits.max_bytes}")
     stream = io.BytesIO(data)
@@ -181,12 +182,7 @@ def decode_npy(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image
         raise ImageError("bad_array", f"not a plain .npy array: {exc}") from None
     if dtype.hasobject:
         raise ImageError("bad_array", "object arrays are refused (loading them would unpickle request data)")
-    _check_dtype(dtype)
-    if len(shape) == 3 and shape[2] == 1:
-        shape = shape[:2]
-    if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (3, 4)):
-        raise ImageError("bad_array", f"array shape {tuple(shape)} is not HW or HWC with C in (1, 3, 4)")
-    _check_shape(shape[1], shape[0], limits)
+    check(tuple(shape), dtype)
     declared = int(np.prod(shape)) * dtype.itemsize
     offset = stream.tell()
     if len(data) - offset != declared:
@@ -195,7 +191,21 @@ def decode_npy(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image
             f"the header declares {tuple(shape)} {dtype} ({declared} bytes) but {len(data) - offset} bytes follow",
         )
     array = np.frombuffer(data, dtype=dtype, count=declared // dtype.itemsize, offset=offset)
-    return decode_array(array.reshape(shape, order="F" if fortran_order else "C"), limits)
+    return array.reshape(shape, order="F" if fortran_order else "C")
+
+
+def _check_image_header(shape: tuple[int, ...], dtype: np.dtype, limits: ImageLimits) -> None:
+    _check_dtype(dtype)
+    if len(shape) == 3 and shape[2] == 1:
+        shape = shape[:2]
+    if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (3, 4)):
+        raise ImageError("bad_array", f"array shape {tuple(shape)} is not HW or HWC with C in (1, 3, 4)")
+    _check_shape(shape[1], shape[0], limits)
+
+
+def decode_npy(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+    """A .npy file's bytes (uint8/uint16, HW or HWC) -> RGB PIL image; see read_npy for the checks."""
+    return decode_array(read_npy(data, limits, lambda shape, dtype: _check_image_header(shape, dtype, limits)), limits)
 
 
 def decode_base64(text: str, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:

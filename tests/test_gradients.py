@@ -245,6 +245,15 @@ def test_grad_equals_in_process_autograd_within_fp16(served, tiny_clip_dir, bus,
         np.testing.assert_allclose(grad, local_grad, atol=2e-3 * float(np.abs(local_grad).max()), rtol=0)
 
 
+def header_bomb() -> str:
+    """A .npy whose header declares a 3 x 100000 x 100000 float32 array (120 GB) followed by a few bytes."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": "<f4", "fortran_order": False, "shape": (3, 100_000, 100_000)}
+    )
+    return base64.b64encode(buffer.getvalue() + b"\0" * 64).decode()
+
+
 @pytest.mark.slow
 def test_bad_grad_items_fail_alone(served, bus):
     good = pixels_of(bus, (96, 128))[0].numpy()
@@ -255,6 +264,7 @@ def test_bad_grad_items_fail_alone(served, bus):
         "non_finite": {"array": npy_b64(nan), "prompt": "a bus"},
         "out_of_range": {"array": npy_b64(good * 2), "prompt": "a bus"},
         "too_many_pixels": {"array": npy_b64(np.zeros((3, 1100, 1000), np.float16)), "prompt": "a bus"},
+        "header_bomb": {"array": header_bomb(), "prompt": "a bus"},
         "not_differentiable": {"array": npy_b64(good), "prompt": "a bus", "rewards": ["vqa"]},
         "unknown_reward": {"array": npy_b64(good), "prompt": "a bus", "rewards": ["nope"]},
     }
@@ -263,7 +273,8 @@ def test_bad_grad_items_fail_alone(served, bus):
     response = httpx.post(f"{served}/grad", json={"items": items}, timeout=120)
     assert response.status_code == 200, response.text
     answers = response.json()
-    assert [a["error_code"] for a in answers[1:-1]] == list(cases)
+    codes = [a["error_code"] for a in answers[1:-1]]
+    assert codes == [case if case != "header_bomb" else "too_many_pixels" for case in cases]
     assert all(a["total"] is None and a["grad"] is None and a["error"] for a in answers[1:-1])
     assert answers[0]["error"] is None and answers[0]["total"] == answers[-1]["total"] and answers[0]["total"] > 0
 
