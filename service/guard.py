@@ -1,4 +1,5 @@
-"""ASGI middleware in front of every endpoint: bearer-token auth, request-size limit, and load shedding:
+"""ASGI middleware in front of every endpoint: bearer-token auth, request content types, request-size limit, and
+load shedding:
 beyond max_inflight requests in flight the service answers 503 with Retry-After at once, instead of queueing
 without bound, so clients back off."""
 
@@ -17,6 +18,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # Probes stay open so orchestrators can check health without holding the token.
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz"})
+# Request bodies are JSON, or a multipart form for /score/upload. BentoML would also accept its pickle content
+# type; refusing every other type up front keeps request data away from any unpickling path.
+BODY_TYPES = frozenset({b"application/json", b"multipart/form-data"})
 
 
 class _BodyTooLarge(Exception):
@@ -68,6 +72,12 @@ class GuardMiddleware:
             await _send_json(send, 401, {"error": "missing or wrong bearer token"}, [(b"www-authenticate", b"Bearer")])
             return
         headers = dict(scope.get("headers", []))
+        content_type = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+        if scope.get("method") == "POST" and content_type and content_type not in BODY_TYPES:
+            allowed = " or ".join(sorted(kind.decode() for kind in BODY_TYPES))
+            refused = content_type.decode(errors="replace")
+            await _send_json(send, 415, {"error": f"content-type {refused!r} is not accepted: send {allowed}"})
+            return
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_request_bytes:
             await _send_json(send, 413, {"error": f"request body exceeds {self.max_request_bytes} bytes"})

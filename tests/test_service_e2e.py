@@ -262,18 +262,26 @@ def test_multipart_upload_scores_like_json(http, bus_path, zidane):
 @pytest.mark.parametrize(
     "files, data",
     [
-        ([], {"prompts": '["a cat"]'}),
+        ([("prompts", (None, '["a cat"]'))], None),
         ([("images", ("a.png", b"x", "image/png"))], {"prompts": "not json"}),
         ([("images", ("a.png", b"x", "image/png"))], {"prompts": '["one", "two"]'}),
     ],
     ids=["no-files", "bad-prompts", "count-mismatch"],
 )
 def test_bad_multipart_requests_are_422(http, files, data):
-    response = http.post("/score/upload", files=files or None, data=data)
+    response = http.post("/score/upload", files=files, data=data)
     assert response.status_code == 422 and response.json()["error"]
 
 
 def test_a_url_in_place_of_a_file_is_never_fetched(http):
     # BentoML's own multipart parsing would download this; ours refuses non-file parts.
-    response = http.post("/score/upload", data={"images": "http://127.0.0.1:9/secret.png", "prompts": '["a cat"]'})
-    assert response.status_code == 422
+    parts = [("images", (None, "http://127.0.0.1:9/secret.png")), ("prompts", (None, '["a cat"]'))]
+    response = http.post("/score/upload", files=parts)
+    assert response.status_code == 422 and "file" in response.json()["error"]
+
+
+def test_bodies_other_than_json_or_multipart_are_415(http):
+    form = http.post("/score", data={"items": "[]"})
+    assert form.status_code == 415 and "application/json" in form.json()["error"]
+    pickled = http.post("/score", content=b"\x80\x04.", headers={"content-type": "application/vnd.bentoml+pickle"})
+    assert pickled.status_code == 415
