@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "tests") not in sys.path:
     sys.path.insert(0, str(ROOT / "tests"))
 
-from serving import running_server  # noqa: E402
+from serving import running_server, server_process  # noqa: E402
 
 MAX_RSS_GROWTH = 0.05
 SCORE_TOLERANCE = 1e-6  # the same image scored in different batches may differ in the last float bits
@@ -178,16 +178,6 @@ def items_scored(url: str) -> float:
     """Items the server's models scored so far (rewardscope_items_total over endpoints, from /metrics)."""
     metrics = httpx.get(url + "/metrics", timeout=30).text
     return sum(float(line.split(" ")[1]) for line in metrics.splitlines() if line.startswith("rewardscope_items_total"))
-
-
-def server_process(url: str) -> psutil.Process:
-    """The `bentoml serve` process behind url: our child (tests/serving.py starts it) listening on url's port."""
-    port = url.rsplit(":", 1)[1]
-    for child in psutil.Process().children():
-        command = child.cmdline()
-        if "--port" in command and command[command.index("--port") + 1 : command.index("--port") + 2] == [port]:
-            return child
-    raise RuntimeError(f"no child process serves port {port}")
 
 
 def tree_rss(root: psutil.Process) -> tuple[int, int]:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,3 +65,19 @@ def running_server(env: dict[str, str] | None = None, ready: bool = True, timeou
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def server_process(base_url: str) -> psutil.Process:
+    """The `rewardscope serve` process behind base_url: a child of this process (running_server starts it)."""
+    port = base_url.rsplit(":", 1)[1]
+    for child in psutil.Process().children():
+        command = child.cmdline()
+        if "--port" in command and command[command.index("--port") + 1 : command.index("--port") + 2] == [port]:
+            return child
+    raise RuntimeError(f"no child process serves port {port}")
+
+
+def server_tree(base_url: str) -> list[psutil.Process]:
+    """The server process and all its descendants (BentoML's workers): a crashed worker comes back with a new PID."""
+    root = server_process(base_url)
+    return [root, *root.children(recursive=True)]

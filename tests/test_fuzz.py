@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
-from serving import running_server
+from serving import running_server, server_tree
 
 from models.detection.prompt import (
     COCO_CLASSES,
@@ -408,20 +408,10 @@ def fuzz_api(
     return tally
 
 
-def server_workers(base_url: str) -> list[psutil.Process]:
-    """The `bentoml serve` process on this port and its children: a crashed worker would be replaced."""
-    port = base_url.rsplit(":", 1)[1]
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = process.info["cmdline"] or []
-        if "bentoml" in " ".join(cmdline[:2]) and "--port" in cmdline and port in cmdline:
-            return [process, *process.children(recursive=True)]
-    raise RuntimeError(f"no bentoml serve process for port {port}")
-
-
 def still_serving(base_url: str, workers: list[psutil.Process]) -> list[str]:
     """Problems with the server after fuzzing: a dead or replaced process, or a real request that fails."""
     problems = [f"process {p.pid} is gone" for p in workers if not p.is_running()]
-    now = {p.pid for p in server_workers(base_url)}
+    now = {p.pid for p in server_tree(base_url)}
     problems += [f"new process {pid} (a worker restarted)" for pid in now - {p.pid for p in workers}]
     item = {**real_payloads()[0], "prompt": "four people and a bus"}
     response = httpx.post(f"{base_url}/score", json={"items": [item]}, headers=AUTH, timeout=120)
@@ -438,7 +428,7 @@ def server() -> Iterator[str]:
 
 @pytest.mark.slow
 def test_schemathesis_cases_never_get_a_server_error_nor_crash_the_server(server):
-    workers = server_workers(server)
+    workers = server_tree(server)
     tally = fuzz_api(server, API_CASES)
     assert tally.cases >= API_CASES
     assert tally.server_errors == []

@@ -22,10 +22,9 @@ from typing import Any
 import cv2
 import httpx
 import numpy as np
-import psutil
 import pytest
 from PIL import Image
-from serving import running_server
+from serving import running_server, server_tree
 
 from service.engine import RewardEngine
 from service.images import ImageError, decode_array, decode_bytes, decode_npy
@@ -273,16 +272,6 @@ REFUSED: dict[str, WholeRequest] = {
 # Through a real server.
 
 
-def server_processes(base_url: str) -> set[int]:
-    """PIDs of the `bentoml serve` process tree on this port: a crashed worker comes back with a new PID."""
-    port = base_url.rsplit(":", 1)[1]
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = process.info["cmdline"] or []
-        if "serve" in cmdline and "--port" in cmdline and port in cmdline:
-            return {process.pid, *(child.pid for child in process.children(recursive=True))}
-    raise RuntimeError(f"no server process for port {port}")
-
-
 @pytest.fixture(scope="module")
 def server():
     with running_server({"REWARDSCOPE_TOKEN": TOKEN}) as base_url:
@@ -291,7 +280,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def processes(server) -> set[int]:
-    return server_processes(server)
+    return {p.pid for p in server_tree(server)}
 
 
 @pytest.fixture(scope="module")
@@ -384,7 +373,7 @@ def test_nan_and_inf_in_layout_boxes_fail_that_match_item_alone(http, good):
 
 @pytest.mark.slow
 def test_the_same_worker_still_serves_after_the_catalogue(http, server, processes, good, clean):
-    assert server_processes(server) == processes  # no worker died and was replaced
+    assert {p.pid for p in server_tree(server)} == processes  # no worker died and was replaced
     response = http.post("/score", json={"items": good})
     assert response.status_code == 200
     for result, expected in zip(response.json(), clean, strict=True):
