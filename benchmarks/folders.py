@@ -38,13 +38,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--spinning", action="store_true", help="let onnxruntime's idle threads spin (old default)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch) / "folder"
         root.mkdir()
         make_folder(root, args.images)
         _, items = folders.folder_items(root)
-        scorer = Scorer(["matching"], config={"matching": {"batch_size": args.batch_size}})
+        options = {"batch_size": args.batch_size, "allow_spinning": args.spinning}
+        scorer = Scorer(["matching"], config={"matching": options})
         detector = scorer.rewards["matching"].detector
         scorer.score([items[0].path], [items[0].prompt])  # warm-up
 
@@ -70,7 +72,11 @@ def main() -> None:
             scorer.score([Image.open(item.path)], [item.prompt])
         naive_rate = (len(items) // 4) / (time.perf_counter() - started)
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; {args.images} JPEGs, batch {args.batch_size}")
+    spinning = "on" if args.spinning else "off"
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores; {args.images} JPEGs, batch {args.batch_size}, "
+        f"onnxruntime spinning {spinning}"
+    )
     print(f"{'path':<52} {'images/s':>9} {'vs detector':>12}")
     for name, rate in [
         ("detector forward alone (pre-decoded, letterboxed)", detector_rate),

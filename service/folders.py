@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from PIL import Image
+
 from .images import ImageError, load_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -135,9 +137,16 @@ def decode_or_path(item: FolderItem) -> Any:
 class ScorerBackend:
     def __init__(self, scorer: Any) -> None:
         self.scorer = scorer
+        # Detectors that can letterbox ahead (OnnxDetector.prepare): the resize then runs on the decode workers.
+        detectors = {id(d): d for d in (getattr(r, "detector", None) for r in scorer.rewards.values()) if d}
+        self.prepare = [d.prepare for d in detectors.values() if hasattr(d, "prepare")]
 
     def prefetch(self, item: FolderItem) -> Any:
-        return decode_or_path(item)
+        image = decode_or_path(item)
+        if isinstance(image, Image.Image):
+            for prepare in self.prepare:
+                prepare(image)
+        return image
 
     def score(self, images, prompts, metadata):
         return [result.to_dict() for result in self.scorer.score(images, prompts, metadata)]

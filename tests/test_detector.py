@@ -86,3 +86,14 @@ def test_random_init_yolov8n_export_runs_with_its_fixed_batch(yolov8n_onnx, bus,
     assert candidates.shape[0] == 3 and candidates.shape[2] == 84
     assert torch.allclose(candidates[0], candidates[2], atol=1e-4)
     assert (yolov8n_onnx.with_suffix(".json")).exists()
+
+
+def test_letterboxing_ahead_with_prepare_gives_the_same_candidates(detector, bus, zidane):
+    plain = detector([bus, zidane])
+    copies = [bus.copy(), zidane.copy()]
+    for image in copies:
+        detector.prepare(image)
+    assert len(detector._resized) >= 2
+    prepared = detector(copies)
+    torch.testing.assert_close(prepared, plain, rtol=0, atol=0)
+    assert all(id(image) not in detector._resized for image in copies)  # used once, then dropped

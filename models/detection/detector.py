@@ -6,6 +6,10 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +21,7 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 LETTERBOX_FILL = 114  # grey border, as ultralytics pads
+PREPARED_LIMIT = 256  # images resized ahead by prepare() and not yet scored
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,9 @@ class DetectorConfig:
     inter_op_threads: int = 0
     batch_size: int = 8  # images per session.run for dynamic-batch models
     graph_optimization: str = "all"  # "disable" | "basic" | "extended" | "all"
+    # onnxruntime's idle intra-op threads busy-wait for the next job by default. Here the same cores decode
+    # images, parse requests and write results: spinning burns the time those need (benchmarks/RESULTS.md).
+    allow_spinning: bool = False
 
 
 @dataclass(frozen=True)
@@ -63,9 +71,18 @@ def _read_metadata(session: ort.InferenceSession, path: Path) -> dict[str, str]:
     return metadata
 
 
-def letterbox_batch(images: list[Image.Image], height: int, width: int) -> tuple[np.ndarray, Letterbox]:
+def letterbox_size(size: tuple[int, int], height: int, width: int) -> tuple[int, int]:
+    """(w, h) of an image once letterboxed into height x width: aspect kept, at least 1 px a side."""
+    scale = min(width / size[0], height / size[1])
+    return max(int(round(size[0] * scale)), 1), max(int(round(size[1] * scale)), 1)
+
+
+def letterbox_batch(
+    images: list[Image.Image], height: int, width: int, resized: Sequence[np.ndarray | None] | None = None
+) -> tuple[np.ndarray, Letterbox]:
     """RGB images of any sizes -> float32 [B, 3, height, width] in [0, 1], aspect kept, centred on grey.
-    Resizing is per image (sizes differ); placement, layout change and scaling are one array op each."""
+    Resizing is per image (sizes differ); placement, layout change and scaling are one array op each.
+    resized: per image, its pixels already resized to the letterbox size (OnnxDetector.prepare), or None."""
     sizes = np.array([image.size for image in images], dtype=np.float64)  # [B, 2] (w, h)
     scale = np.minimum(width / sizes[:, 0], height / sizes[:, 1])
     new_sizes = np.maximum(np.round(sizes * scale[:, None]).astype(np.int64), 1)
@@ -74,10 +91,16 @@ def letterbox_batch(images: list[Image.Image], height: int, width: int) -> tuple
     for index, image in enumerate(images):
         new_w, new_h = new_sizes[index]
         pad_x, pad_y = padding[index]
-        resized = image if image.size == (new_w, new_h) else image.resize((int(new_w), int(new_h)), Image.BILINEAR)
-        canvas[index, pad_y : pad_y + new_h, pad_x : pad_x + new_w] = np.asarray(resized)
+        pixels = resized[index] if resized is not None else None
+        if pixels is None or pixels.shape[:2] != (new_h, new_w):
+            pixels = np.asarray(_resize(image, int(new_w), int(new_h)))
+        canvas[index, pad_y : pad_y + new_h, pad_x : pad_x + new_w] = pixels
     batch = canvas.transpose(0, 3, 1, 2).astype(np.float32) * np.float32(1 / 255)
     return np.ascontiguousarray(batch), Letterbox(scale=scale, padding=padding.astype(np.float64))
+
+
+def _resize(image: Image.Image, new_w: int, new_h: int) -> Image.Image:
+    return image if image.size == (new_w, new_h) else image.resize((new_w, new_h), Image.BILINEAR)
 
 
 class OnnxDetector:
@@ -95,6 +118,7 @@ class OnnxDetector:
         options.inter_op_num_threads = self.config.inter_op_threads
         options.graph_optimization_level = _OPTIMIZATION_LEVELS[self.config.graph_optimization]
         options.log_severity_level = 3
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.config.allow_spinning else "0")
         providers = list(self.config.providers) if self.config.providers else _default_providers()
         self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
         self.providers = self.session.get_providers()
@@ -116,6 +140,26 @@ class OnnxDetector:
             self.input_size = (int(model_input.shape[2]), int(model_input.shape[3]))
         self.version = metadata.get("model_version") or f"{self.path.stem}@unversioned"
         self.metadata = metadata
+        # Letterbox resizes done ahead of time by prepare(): id(image) -> (weak ref to the image, pixels). PIL
+        # images are unhashable; the weak ref tells a live image from a new one that reuses a dead one's id.
+        self._resized: OrderedDict[int, tuple[weakref.ref[Image.Image], np.ndarray]] = OrderedDict()
+        self._resized_lock = threading.Lock()
+
+    def prepare(self, image: Image.Image) -> None:
+        """Resize an RGB image to its letterbox size now, on the caller's thread (a pipeline's decode workers),
+        so the batch that later holds it skips that step: the one preprocessing cost that scales with pixels."""
+        height, width = self.input_size
+        pixels = np.asarray(_resize(image, *letterbox_size(image.size, height, width)))
+        with self._resized_lock:
+            self._resized[id(image)] = (weakref.ref(image), pixels)
+            while len(self._resized) > PREPARED_LIMIT:  # prepared but never scored: forget the oldest
+                self._resized.popitem(last=False)
+
+    def _take_prepared(self, images: list[Image.Image]) -> list[np.ndarray | None]:
+        with self._resized_lock:
+            entries = [self._resized.pop(id(image), None) for image in images]
+        pairs = zip(entries, images, strict=True)
+        return [entry[1] if entry and entry[0]() is image else None for entry, image in pairs]
 
     @property
     def num_classes(self) -> int:
@@ -161,6 +205,6 @@ class OnnxDetector:
     def __call__(self, images: list[Image.Image]) -> torch.Tensor:
         """RGB PIL images -> candidates [B, N, 4 + C] (see decode)."""
         height, width = self.input_size
-        batch, geometry = letterbox_batch(images, height, width)
+        batch, geometry = letterbox_batch(images, height, width, self._take_prepared(images))
         sizes = np.array([image.size for image in images], dtype=np.float64)
         return self.decode(self.forward(batch), geometry, sizes)

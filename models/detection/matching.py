@@ -178,6 +178,7 @@ class MatchingReward:
         batch_size: int = 8,
         providers: tuple[str, ...] | None = None,
         intra_op_threads: int = 0,
+        allow_spinning: bool = False,
         kernels_backend: str | None = None,
         layout_iou: float = 0.5,
         quantized: bool = False,
@@ -196,6 +197,7 @@ class MatchingReward:
         config = DetectorConfig(
             providers=tuple(providers) if providers else None,
             intra_op_threads=intra_op_threads,
+            allow_spinning=allow_spinning,
             batch_size=batch_size,
         )
         self.detector = load_detector(str(detector) if detector else None, config, quantized)
