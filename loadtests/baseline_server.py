@@ -10,16 +10,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 from flask import Flask, jsonify, request
 from gunicorn.app.base import BaseApplication
 
@@ -110,40 +106,12 @@ def running_baseline(env: dict[str, str] | None = None, timeout: float = 180) ->
     """Yield the base URL of the baseline on a free 127.0.0.1 port; its process tree is found by
     tests/serving.server_tree, as the service's is."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from serving import free_port
+    from serving import free_port, serving_process
 
     port = free_port()
-    log = tempfile.NamedTemporaryFile(prefix="rewardscope-baseline-", suffix=".log", delete=False)
     command = [sys.executable, "-m", "loadtests.baseline_server", "--host", "127.0.0.1", "--port", str(port)]
-    process = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"baseline exited with {process.returncode}:\n{Path(log.name).read_text()[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(base_url + "/readyz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"baseline not up after {timeout}s:\n{Path(log.name).read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield base_url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    with serving_process(command, port, {**os.environ, **(env or {})}, "/readyz", "baseline", timeout) as url:
+        yield url
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,35 +26,24 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(env: dict[str, str] | None = None, ready: bool = True, timeout: float = 180) -> Iterator[str]:
-    """Yield the base URL of a served RewardService; ready=False waits only for /livez (not-ready tests)."""
-    port = free_port()
-    log = tempfile.NamedTemporaryFile(prefix="rewardscope-serve-", suffix=".log", delete=False)
-    environment = {
-        **os.environ,
-        "BENTOML_DO_NOT_TRACK": "true",
-        # Each server its own BentoML home: two servers sharing one clash on the task store's sqlite file.
-        "BENTOML_HOME": tempfile.mkdtemp(prefix="bentoml-home-"),
-        **(env or {}),
-    }
-    command = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    process = subprocess.Popen(
-        command, cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
+def serving_process(
+    command: list[str], port: int, env: dict[str, str], probe: str, name: str, timeout: float = 180
+) -> Iterator[str]:
+    """Start `command` (a server listening on 127.0.0.1:port) in its own session, wait until GET probe answers 200,
+    yield the base URL, then stop the whole process group (SIGTERM, SIGKILL after 20 s)."""
+    log = tempfile.NamedTemporaryFile(prefix=f"rewardscope-{name}-", suffix=".log", delete=False)
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base_url = f"http://127.0.0.1:{port}"
-    probe = "/readyz" if ready else "/livez"
     try:
         deadline = time.monotonic() + timeout
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}:\n{Path(log.name).read_text()[-3000:]}")
-            try:
+                raise RuntimeError(f"{name} exited with {process.returncode}:\n{Path(log.name).read_text()[-3000:]}")
+            with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(base_url + probe, timeout=2).status_code == 200:
                     break
-            except httpx.HTTPError:
-                pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"server not up after {timeout}s:\n{Path(log.name).read_text()[-3000:]}")
+                raise RuntimeError(f"{name} not up after {timeout}s:\n{Path(log.name).read_text()[-3000:]}")
             time.sleep(0.5)
         yield base_url
     finally:
@@ -65,6 +54,22 @@ def running_server(env: dict[str, str] | None = None, ready: bool = True, timeou
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+@contextlib.contextmanager
+def running_server(env: dict[str, str] | None = None, ready: bool = True, timeout: float = 180) -> Iterator[str]:
+    """Yield the base URL of a served RewardService; ready=False waits only for /livez (not-ready tests)."""
+    port = free_port()
+    environment = {
+        **os.environ,
+        "BENTOML_DO_NOT_TRACK": "true",
+        # Each server its own BentoML home: two servers sharing one clash on the task store's sqlite file.
+        "BENTOML_HOME": tempfile.mkdtemp(prefix="bentoml-home-"),
+        **(env or {}),
+    }
+    command = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    with serving_process(command, port, environment, "/readyz" if ready else "/livez", "server", timeout) as url:
+        yield url
 
 
 def server_process(base_url: str) -> psutil.Process:
