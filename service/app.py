@@ -36,7 +36,7 @@ BATCHING = {"batchable": True, "max_batch_size": SETTINGS.max_batch_size, "max_l
 
 @bentoml.service(
     name="rewardscope",
-    workers=1,
+    workers=SETTINGS.workers,
     # Admission control is GuardMiddleware's (503 + Retry-After); BentoML's own limit would answer 429 bare.
     traffic={"timeout": SETTINGS.timeout_s},
 )

@@ -37,7 +37,11 @@ class ServiceSettings(BaseModel):
     # /grad: pixels per image, and per forward+backward chunk (its activations are what holds memory).
     max_grad_pixels: int = 1024 * 1024
     grad_chunk_pixels: int = 4 * 512 * 512
-    max_concurrency: int = 64
+    max_concurrency: int = 64  # per worker
+    # Worker processes, each with its own models. On 2 cores, 2 workers with one onnxruntime thread each
+    # (REWARDSCOPE_CONFIG '{"matching": {"intra_op_threads": 1}}') gave 1.10-1.13x the throughput at 8+ requests in
+    # flight but half the speed of a lone request (benchmarks/RESULTS.md). Each worker exports its own /metrics.
+    workers: int = 1
     timeout_s: int = 300
     token: str | None = Field(default=None, description="bearer token; required for non-loopback listening")
     golden: Path | None = Field(default=None, description="golden expectations file; None: the bundled one")
