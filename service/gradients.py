@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import math
 import threading
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from .images import ImageError, decode_base64, read_npy
 from .schemas import RewardSpec
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
+log = logging.getLogger(__name__)
 
 
 class GradItem(BaseModel):
@@ -155,22 +157,36 @@ class GradientEngine:
         for key, members in groups.items():
             weights, rewards = dict(key[0]), prepared[key]
             per_chunk = max(1, chunk_pixels // (key[2][1] * key[2][2]))
+            versions = {name: reward.version for name, reward in rewards.items()}
             for start in range(0, len(members), per_chunk):
-                chunk = members[start : start + per_chunk]
-                result = reward_gradients(
-                    rewards,
-                    weights,
-                    torch.stack([pixels for _, pixels in chunk]),
-                    [items[index].prompt for index, _ in chunk],
-                )
-                versions = {name: reward.version for name, reward in rewards.items()}
-                for row, (index, _) in enumerate(chunk):
-                    out[index] = self._result(result, row, versions)
+                self._run_chunk(members[start : start + per_chunk], items, rewards, weights, versions, out)
         metrics.ITEMS.labels(endpoint="grad").inc(len(items))
         for answer in out:
             if answer is not None and answer.error_code:
                 metrics.ERRORS.labels(code=answer.error_code).inc()
         return out  # type: ignore[return-value]
+
+    def _run_chunk(self, chunk, items, rewards, weights, versions, out) -> None:
+        """One forward+backward over a chunk. If it raises, each item is retried alone, so one item that breaks a
+        model fails by itself (code grad_failed) and never sinks the rest of its batch."""
+        try:
+            result = reward_gradients(
+                rewards,
+                weights,
+                torch.stack([pixels for _, pixels in chunk]),
+                [items[index].prompt for index, _ in chunk],
+            )
+        except Exception as exc:  # noqa: BLE001  a model failure must stay per item
+            if len(chunk) > 1:
+                for member in chunk:
+                    self._run_chunk([member], items, rewards, weights, versions, out)
+                return
+            log.exception("/grad failed for one item")
+            message = f"gradient failed: {type(exc).__name__}: {exc}"
+            out[chunk[0][0]] = GradResult(error=message, error_code="grad_failed")
+            return
+        for row, (index, _) in enumerate(chunk):
+            out[index] = self._result(result, row, versions)
 
     @staticmethod
     def _result(result: Any, row: int, versions: dict[str, str]) -> GradResult:

@@ -324,3 +324,31 @@ def test_ten_remote_gradient_steps_raise_the_matching_score_of_a_failed_prompt(s
         after_soft = soft_score(pixels)
     assert final > history[0] + 0.2, history
     assert after_soft > before_soft, (before_soft, after_soft)
+
+
+class _BreaksOn:
+    """The real differentiable matching reward, except that it raises on one prompt (a model failure)."""
+
+    def __init__(self, reward, prompt: str) -> None:
+        self.reward, self.prompt, self.version = reward, prompt, reward.version
+
+    def __call__(self, pixels, prompts):
+        if self.prompt in prompts:
+            raise RuntimeError("the model broke")
+        return self.reward(pixels, prompts)
+
+
+def test_a_gradient_failure_fails_only_its_item(torch_detector, bus):
+    from service.engine import RewardEngine
+    from service.gradients import GradientEngine, GradItem
+    from service.settings import ServiceSettings
+
+    engine = GradientEngine(RewardEngine(ServiceSettings(golden_check=False)))
+    engine._rewards[("matching", "train")] = _BreaksOn(SoftMatchingGradient(torch_detector), "explode")
+    array = npy_b64(pixels_of(bus, (96, 128))[0].numpy())
+    items = [GradItem(array=array, prompt=prompt) for prompt in ("four people", "explode", "a bus")]
+    first, broken, last = engine.grad(items)
+    assert broken.error_code == "grad_failed" and "the model broke" in broken.error and broken.total is None
+    assert first.error is None and last.error is None and first.total > 0 and last.total > 0
+    (alone,) = engine.grad(items[:1])
+    assert first.total == pytest.approx(alone.total, abs=1e-6)
