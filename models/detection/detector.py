@@ -99,6 +99,19 @@ def letterbox_batch(
     return np.ascontiguousarray(batch), Letterbox(scale=scale, padding=padding.astype(np.float64))
 
 
+def decode_candidates(raw: torch.Tensor, geometry: Letterbox, image_sizes: np.ndarray) -> torch.Tensor:
+    """Raw [B, 4 + C, N] (cx, cy, w, h in input pixels, then scores) -> candidates [B, N, 4 + C] with boxes
+    x0 y0 x1 y1 in original pixels, clipped to the image. Torch ops only: the gradient path keeps its graph."""
+    output = raw.transpose(1, 2)
+    center, half = output[..., 0:2], output[..., 2:4] / 2
+    padding = torch.as_tensor(geometry.padding, dtype=output.dtype, device=output.device)[:, None, :]
+    scale = torch.as_tensor(geometry.scale, dtype=output.dtype, device=output.device)[:, None, None]
+    limits = torch.as_tensor(image_sizes, dtype=output.dtype, device=output.device)[:, None, :]  # [B, 1, 2] (w, h)
+    top_left = ((center - half - padding) / scale).clamp(min=0).minimum(limits)
+    bottom_right = ((center + half - padding) / scale).clamp(min=0).minimum(limits)
+    return torch.cat([top_left, bottom_right, output[..., 4:]], -1)
+
+
 def _resize(image: Image.Image, new_w: int, new_h: int) -> Image.Image:
     return image if image.size == (new_w, new_h) else image.resize((new_w, new_h), Image.BILINEAR)
 
@@ -193,14 +206,7 @@ class OnnxDetector:
 
     def decode(self, raw: np.ndarray, geometry: Letterbox, image_sizes: np.ndarray) -> torch.Tensor:
         """Raw [B, 4 + C, N] -> candidates [B, N, 4 + C], boxes x0y0x1y1 in original pixels, clipped."""
-        output = torch.from_numpy(np.ascontiguousarray(raw)).transpose(1, 2)  # [B, N, 4 + C]
-        center, half = output[..., 0:2], output[..., 2:4] / 2
-        padding = torch.from_numpy(geometry.padding).to(output.dtype)[:, None, :]
-        scale = torch.from_numpy(geometry.scale).to(output.dtype)[:, None, None]
-        limits = torch.from_numpy(image_sizes).to(output.dtype)[:, None, :]  # [B, 1, 2] (w, h)
-        top_left = ((center - half - padding) / scale).clamp(min=0).minimum(limits)
-        bottom_right = ((center + half - padding) / scale).clamp(min=0).minimum(limits)
-        return torch.cat([top_left, bottom_right, output[..., 4:]], -1).contiguous()
+        return decode_candidates(torch.from_numpy(np.ascontiguousarray(raw)), geometry, image_sizes).contiguous()
 
     def __call__(self, images: list[Image.Image]) -> torch.Tensor:
         """RGB PIL images -> candidates [B, N, 4 + C] (see decode)."""

@@ -59,6 +59,11 @@ def embedded_class_names(names_path: Path) -> list[str]:
     return [name for name in names if name]
 
 
+def embedded_version(weights_path: Path) -> str:
+    """The embedded detector's version: its weights' hash, shared by its ONNX conversion and its torch twin."""
+    return f"{EMBEDDED_NAME}-darknet@{file_sha256(weights_path)[:16]}"
+
+
 def write_metadata(model_path: Path, metadata: dict[str, str]) -> None:
     """Set ONNX metadata_props (replacing keys already there) and write the same as JSON beside the model."""
     model = onnx.load(str(model_path))
@@ -136,7 +141,7 @@ def embedded_detector_path(directory: Path | None = None) -> Path:
         return target
     names = embedded_class_names(names_path)
     log.info("converting embedded %s (weights %s) to ONNX at %s", EMBEDDED_NAME, weights_hash, target)
-    return export_darknet(cfg_path, weights_path, names, target, version=f"{EMBEDDED_NAME}-darknet@{weights_hash}")
+    return export_darknet(cfg_path, weights_path, names, target, version=embedded_version(weights_path))
 
 
 def export_ultralytics(

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..hf import file_sha256
-from .detector import LETTERBOX_FILL, Letterbox, letterbox_batch
+from .detector import LETTERBOX_FILL, Letterbox, decode_candidates, letterbox_batch, letterbox_size
 
 _EMBEDDED: dict[str, TorchDetector] = {}
 _EMBEDDED_LOCK = threading.Lock()
@@ -28,7 +28,7 @@ def letterbox_tensor(pixels: torch.Tensor, height: int, width: int) -> tuple[tor
     Bilinear with antialiasing, which follows PIL's BILINEAR resize (what letterbox_batch uses) closely."""
     batch, _, image_h, image_w = pixels.shape
     scale = min(width / image_w, height / image_h)
-    new_w, new_h = max(round(image_w * scale), 1), max(round(image_h * scale), 1)
+    new_w, new_h = letterbox_size((image_w, image_h), height, width)
     pad_x, pad_y = (width - new_w) // 2, (height - new_h) // 2
     resized = pixels
     if (new_h, new_w) != (image_h, image_w):
@@ -39,19 +39,6 @@ def letterbox_tensor(pixels: torch.Tensor, height: int, width: int) -> tuple[tor
         scale=np.full(batch, scale, dtype=np.float64), padding=np.tile([[pad_x, pad_y]], (batch, 1)).astype(np.float64)
     )
     return padded, geometry
-
-
-def decode_candidates(raw: torch.Tensor, geometry: Letterbox, image_sizes: np.ndarray) -> torch.Tensor:
-    """Raw [B, 4 + C, N] (cx, cy, w, h in input pixels, then scores) -> candidates [B, N, 4 + C] with boxes
-    x0 y0 x1 y1 in original pixels, clipped: OnnxDetector.decode's arithmetic on a tensor that keeps its graph."""
-    output = raw.transpose(1, 2)
-    center, half = output[..., 0:2], output[..., 2:4] / 2
-    padding = torch.as_tensor(geometry.padding, dtype=output.dtype, device=output.device)[:, None, :]
-    scale = torch.as_tensor(geometry.scale, dtype=output.dtype, device=output.device)[:, None, None]
-    limits = torch.as_tensor(image_sizes, dtype=output.dtype, device=output.device)[:, None, :]
-    top_left = ((center - half - padding) / scale).clamp(min=0).minimum(limits)
-    bottom_right = ((center + half - padding) / scale).clamp(min=0).minimum(limits)
-    return torch.cat([top_left, bottom_right, output[..., 4:]], -1)
 
 
 class TorchDetector:
@@ -80,7 +67,7 @@ class TorchDetector:
     def embedded(cls, device: str | torch.device = "cpu") -> TorchDetector:
         """The embedded YOLOv3-tiny: the same cfg, weights, class names and version as its ONNX conversion."""
         from .darknet import DarknetYolo
-        from .export import EMBEDDED_NAME, _embedded_files, embedded_class_names
+        from .export import _embedded_files, embedded_class_names, embedded_version
 
         key = str(device)
         with _EMBEDDED_LOCK:
@@ -88,7 +75,7 @@ class TorchDetector:
                 cfg_path, weights_path, names_path = _embedded_files()
                 network = DarknetYolo(cfg_path.read_text())
                 network.load_darknet_weights(weights_path)
-                version = f"{EMBEDDED_NAME}-darknet@{file_sha256(weights_path)[:16]}"
+                version = embedded_version(weights_path)
                 names = embedded_class_names(names_path)
                 _EMBEDDED[key] = cls(network, tuple(names), network.input_size, version, "embedded", device)
             return _EMBEDDED[key]
