@@ -4,21 +4,24 @@ the work itself lives in service/engine.py. Configure with REWARDSCOPE_* environ
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
+from collections.abc import Sequence
 from typing import Annotated
 
 import bentoml
+from bentoml.exceptions import ServiceUnavailable
 from pydantic import Field
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from . import metrics
-from .engine import RewardEngine
+from .batching import Batcher, Overloaded
+from .engine import Outcome, RewardEngine
 from .golden import check
 from .gradients import GradientEngine, GradItem, GradResult
 from .guard import GuardMiddleware
@@ -31,7 +34,13 @@ SETTINGS = ServiceSettings.from_env()
 Items = Annotated[list[ScoreItem], Field(max_length=SETTINGS.max_items)]
 MatchItems = Annotated[list[MatchItem], Field(max_length=SETTINGS.max_items)]
 GradItems = Annotated[list[GradItem], Field(max_length=SETTINGS.max_items)]
-BATCHING = {"batchable": True, "max_batch_size": SETTINGS.max_batch_size, "max_latency_ms": SETTINGS.max_latency_ms}
+# /grad (torch, forward + backward) uses BentoML's adaptive batching; /score, /match and /rank share one
+# work-conserving Batcher (service/batching.py) and its model thread.
+GRAD_BATCHING = {
+    "batchable": True,
+    "max_batch_size": SETTINGS.max_batch_size,
+    "max_latency_ms": SETTINGS.max_latency_ms,
+}
 
 
 @bentoml.service(
@@ -43,6 +52,13 @@ BATCHING = {"batchable": True, "max_batch_size": SETTINGS.max_batch_size, "max_l
 class RewardService:
     def __init__(self) -> None:
         self.engine = RewardEngine(SETTINGS)
+        self.batcher: Batcher[ScoreItem, object, Outcome] = Batcher(
+            self.engine.run,
+            max_batch_size=SETTINGS.max_batch_size,
+            max_latency_s=SETTINGS.max_latency_ms / 1000,
+            max_ahead_items=SETTINGS.max_ahead_items,
+            observe=metrics.observe_batch,
+        )
         self.gradients = GradientEngine(self.engine)
         self.golden = None
         if SETTINGS.golden_check:
@@ -54,24 +70,35 @@ class RewardService:
         _INFO.engine = self.engine
         _INFO.service = self
 
-    @bentoml.api(route="/score", **BATCHING)
-    def score(self, items: Items) -> list[ItemResult]:
+    async def scored(
+        self, items: Sequence[ScoreItem], endpoint: str, variants: Sequence[str | None] | None = None
+    ) -> list[Outcome]:
+        """Decode on worker threads, then score in the shared model thread's next batch."""
+        prepare = functools.partial(self.engine.prepare, variants=variants, endpoint=endpoint)
+        try:
+            return await self.batcher.submit(items, prepare)
+        except Overloaded as exc:
+            raise ServiceUnavailable(str(exc)) from None
+
+    @bentoml.api(route="/score")
+    async def score(self, items: Items) -> list[ItemResult]:
         """Score (image, prompt) items with the requested rewards; per item: rewards, total, details, error."""
-        return self.engine.score(items)
+        return self.engine.score_answers(await self.scored(items, "score"))
 
-    @bentoml.api(route="/match", **BATCHING)
-    def match(self, items: MatchItems) -> list[MatchResult]:
+    @bentoml.api(route="/match")
+    async def match(self, items: MatchItems) -> list[MatchResult]:
         """Detection matching score with its breakdown and boxes; variant seed, geneval or numeracy."""
-        return self.engine.match(items)
+        outcomes = await self.scored(items, "match", [item.variant for item in items])
+        return self.engine.match_answers(items, outcomes)
 
-    @bentoml.api(route="/grad", **BATCHING)
+    @bentoml.api(route="/grad", **GRAD_BATCHING)
     def grad(self, items: GradItems) -> list[GradResult]:
         """Reward values and d(weighted total)/d(image) for float images [3, H, W] in [0, 1] (float16/32 .npy);
         the gradient comes back as float16 .npy scaled to max |g| = 1, with grad_scale to undo it."""
         return self.gradients.grad(items)
 
     @bentoml.api(route="/rank")
-    def rank(
+    async def rank(
         self,
         groups: Annotated[list[RankGroup], Field(max_length=64)],
         rewards: RewardSpec | None = None,
@@ -80,14 +107,15 @@ class RewardService:
     ) -> list[RankResult]:
         """Rank N candidates per prompt by total reward (or `options`: normalisation, rank aggregation, margin,
         likelihood weights); chosen/rejected are the DPO pair (best/worst)."""
-        return self.engine.rank(groups, rewards, profile, options)
+        outcomes = await self.scored(self.engine.rank_items(groups, rewards, profile), "rank")
+        return self.engine.rank_answers(groups, self.engine.score_answers(outcomes), rewards, options)
 
     @bentoml.task(route="/jobs/score")
-    def score_job(
+    async def score_job(
         self, items: Annotated[list[ScoreItem], Field(max_length=SETTINGS.max_items * 16)]
     ) -> list[ItemResult]:
         """Asynchronous /score for large submissions: submit, poll status, fetch the result later."""
-        return self.engine.score(items)
+        return self.engine.score_answers(await self.scored(items, "score"))
 
     def __is_ready__(self) -> bool:
         return self.golden is None or self.golden.ok
@@ -127,8 +155,8 @@ async def score_upload_view(request: Request) -> JSONResponse:
     """Multipart /score: files in `images` (one part each), `prompts` a JSON list of strings, optional
     `rewards` (JSON list or object) and `profile`. Parsed here, not by BentoML's multipart serde, because
     that one downloads any string given for a file field: a URL fetch driven by request data."""
-    engine = _INFO.engine
-    if engine is None:
+    service = _INFO.service
+    if service is None:
         return JSONResponse({"error": "service is starting"}, status_code=503)
     async with request.form(max_files=SETTINGS.max_items, max_fields=16) as form:
         files = form.getlist("images")
@@ -148,8 +176,11 @@ async def score_upload_view(request: Request) -> JSONResponse:
             ]
         except (ValueError, TypeError) as exc:  # bad JSON, prompt count mismatch, schema violations
             return JSONResponse({"error": f"bad multipart request: {exc}"}, status_code=422)
-    results = await run_in_threadpool(engine.score, items)
-    return JSONResponse([result.model_dump() for result in results])
+    try:
+        outcomes = await service.scored(items, "score")
+    except ServiceUnavailable as exc:
+        return JSONResponse({"error": str(exc)}, status_code=503)
+    return JSONResponse([result.model_dump() for result in service.engine.score_answers(outcomes)])
 
 
 RewardService.mount_asgi_app(
@@ -162,8 +193,16 @@ RewardService.mount_asgi_app(
     ),
     path="/",
 )
+
+
+def _overloaded() -> str | None:
+    return _INFO.service.batcher.over_budget() if _INFO.service is not None else None
+
+
 RewardService.add_asgi_middleware(
     GuardMiddleware,
+    overloaded=_overloaded,
+    shed_paths=frozenset({"/score", "/match", "/rank", "/score/upload"}),
     token=SETTINGS.token,
     max_request_bytes=SETTINGS.max_request_bytes,
     retry_after_s=SETTINGS.retry_after_s,

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from models import Scorer, list_rewards
@@ -16,7 +20,7 @@ from models.registry import is_registered
 from models.types import ScoreResult
 
 from . import metrics
-from .images import ImageError, ImageLimits, decode_base64, decode_npy
+from .images import ImageError, ImageLimits, decode_base64, decode_npy, load_image
 from .schemas import (
     ImageInput,
     ItemResult,
@@ -33,6 +37,20 @@ from .settings import PROFILES, ServiceSettings
 log = logging.getLogger(__name__)
 
 ScorerKey = tuple[tuple[str, ...], str, str | None]
+GroupKey = tuple[tuple[tuple[str, float], ...], str, str | None]  # (weights, profile, matching variant)
+Outcome = tuple[ScoreResult, str, dict[str, str]]  # result, profile, model versions
+
+
+@dataclass
+class Prepared:
+    """One request item decoded and checked, waiting for the model thread: its Scorer group and image, or the
+    outcome it already failed with."""
+
+    endpoint: str
+    item: ScoreItem
+    key: GroupKey | None
+    image: Any
+    failed: Outcome | None = None
 
 
 class RequestItemError(ValueError):
@@ -53,7 +71,12 @@ class RewardEngine:
             if not is_registered(name):
                 raise ValueError(f"configured reward {name!r} is not registered; available: {list_rewards()}")
         self.default_weights = {name: 1.0 for name in settings.rewards}
-        self.scorer(self.default_weights, settings.profile)  # load the models now, not on the first request
+        default = self.scorer(self.default_weights, settings.profile)  # load the models now, not on the first request
+        threads = settings.decode_threads or min(4, os.cpu_count() or 1)
+        self._decoders = ThreadPoolExecutor(threads, thread_name_prefix="rewardscope-decode")
+        # Detectors that letterbox ahead (OnnxDetector.prepare): the resize then runs on the decode threads too.
+        detectors = {id(d): d for d in (getattr(r, "detector", None) for r in default.rewards.values()) if d}
+        self._prepare_hooks = [d.prepare for d in detectors.values() if hasattr(d, "prepare")]
 
     # -- Scorers -----------------------------------------------------------------------------------------
     def _weights(self, rewards: RewardSpec | None) -> dict[str, float]:
@@ -101,44 +124,68 @@ class RewardEngine:
 
     # -- Items -------------------------------------------------------------------------------------------
     def _image(self, item: ImageInput) -> Any:
-        """Transport decoding only (base64, .npy); the Scorer's one image decoder does the rest."""
+        """Transport decoding (base64, .npy), then the one image decoder (service.images.load_image) ahead of the
+        model thread. Bytes that fail to decode are handed on unchanged, so the Scorer reports them per item exactly
+        as it reports any image it cannot read."""
         if item.image is not None:
-            return decode_base64(item.image, self.limits)
-        return decode_npy(decode_base64(item.array or "", self.limits), self.limits)
+            source = decode_base64(item.image, self.limits)
+        else:
+            source = decode_npy(decode_base64(item.array or "", self.limits), self.limits)
+        try:
+            image = load_image(source, self.limits)
+        except ImageError:
+            return source
+        for prepare in self._prepare_hooks:
+            prepare(image)
+        return image
 
-    def _run(
-        self, endpoint: str, items: Sequence[ScoreItem], variants: Sequence[str | None]
-    ) -> list[tuple[ScoreResult, str, dict[str, str]]]:
-        """Score items grouped by (rewards, profile, variant); per item: result, profile, versions."""
-        metrics.BATCH_SIZE.labels(endpoint=endpoint).observe(len(items))
-        out: list[tuple[ScoreResult, str, dict[str, str]] | None] = [None] * len(items)
-        groups: dict[tuple[tuple[tuple[str, float], ...], str, str | None], list[tuple[int, Any]]] = {}
-        for index, (item, variant) in enumerate(zip(items, variants, strict=True)):
-            profile = item.profile or self.settings.profile
-            weights = self.default_weights if variant is None else {"matching": 1.0}
-            try:
-                profile = self._profile(item.profile)
-                if variant is None:
-                    weights = self._weights(item.rewards)
-                image = self._image(item)
-            except (RequestItemError, ImageError) as exc:
-                failed = ScoreResult(rewards={name: None for name in weights})
-                failed.add_error(str(exc), exc.code)
-                out[index] = (failed, profile, {})
-                continue
-            group = (tuple(sorted(weights.items())), profile, variant)
-            groups.setdefault(group, []).append((index, image))
+    def _prepare_one(self, item: ScoreItem, variant: str | None, endpoint: str) -> Prepared:
+        profile = item.profile or self.settings.profile
+        weights = self.default_weights if variant is None else {"matching": 1.0}
+        try:
+            profile = self._profile(item.profile)
+            if variant is None:
+                weights = self._weights(item.rewards)
+            image = self._image(item)
+        except (RequestItemError, ImageError) as exc:
+            failed = ScoreResult(rewards={name: None for name in weights})
+            failed.add_error(str(exc), exc.code)
+            return Prepared(endpoint, item, None, None, (failed, profile, {}))
+        return Prepared(endpoint, item, (tuple(sorted(weights.items())), profile, variant), image)
+
+    def prepare(
+        self, items: Sequence[ScoreItem], variants: Sequence[str | None] | None = None, endpoint: str = "score"
+    ) -> list[Prepared]:
+        """Transport and image decoding of a request's items, on the decode threads (PIL and the letterbox resize
+        release the GIL, so they run beside each other and beside the model thread). Never raises for one item."""
+        variants = variants if variants is not None else [None] * len(items)
+        if len(items) == 1:
+            return [self._prepare_one(items[0], variants[0], endpoint)]
+        return list(self._decoders.map(self._prepare_one, items, variants, [endpoint] * len(items)))
+
+    def run(self, prepared: Sequence[Prepared]) -> list[Outcome]:
+        """Score prepared items (of any endpoints) grouped by (rewards, profile, variant); per item: result,
+        profile, versions. This is what the model thread runs."""
+        by_endpoint = Counter(entry.endpoint for entry in prepared)
+        for endpoint, count in by_endpoint.items():
+            metrics.BATCH_SIZE.labels(endpoint=endpoint).observe(count)
+        out: list[Outcome | None] = [entry.failed for entry in prepared]
+        groups: dict[GroupKey, list[int]] = {}
+        for index, entry in enumerate(prepared):
+            if entry.key is not None:
+                groups.setdefault(entry.key, []).append(index)
         for (weights, profile, variant), members in groups.items():
             scorer = self.scorer(dict(weights), profile, variant)
             results = scorer.score(
-                [image for _, image in members],
-                [items[index].prompt for index, _ in members],
-                [items[index].metadata for index, _ in members],
+                [prepared[index].image for index in members],
+                [prepared[index].item.prompt for index in members],
+                [prepared[index].item.metadata for index in members],
             )
             versions = scorer.versions()
-            for (index, _), result in zip(members, results, strict=True):
+            for index, result in zip(members, results, strict=True):
                 out[index] = (result, profile, versions)
-        metrics.ITEMS.labels(endpoint=endpoint).inc(len(items))
+        for endpoint, count in by_endpoint.items():
+            metrics.ITEMS.labels(endpoint=endpoint).inc(count)
         for result, _, _ in out:  # type: ignore[misc]
             if result.error_code:
                 metrics.ERRORS.labels(code=result.error_code).inc()
@@ -147,29 +194,34 @@ class RewardEngine:
                     metrics.REWARD_VALUE.labels(reward=name).observe(value)
         return out  # type: ignore[return-value]
 
-    def score(self, items: Sequence[ScoreItem]) -> list[ItemResult]:
+    @staticmethod
+    def score_answers(outcomes: Sequence[Outcome]) -> list[ItemResult]:
         return [
-            ItemResult(**result.to_dict(), profile=profile, versions=versions)
-            for result, profile, versions in self._run("score", items, [None] * len(items))
+            ItemResult(**result.to_dict(), profile=profile, versions=versions) for result, profile, versions in outcomes
         ]
 
-    def match(self, items: Sequence[MatchItem]) -> list[MatchResult]:
-        answers = []
-        for item, (result, profile, versions) in zip(
-            items, self._run("match", items, [item.variant for item in items]), strict=True
-        ):
-            answers.append(
-                MatchResult(
-                    score=result.rewards.get("matching"),
-                    variant=item.variant,
-                    details=result.details.get("matching", {}),
-                    error=result.error,
-                    error_code=result.error_code,
-                    profile=profile,
-                    versions=versions,
-                )
+    @staticmethod
+    def match_answers(items: Sequence[MatchItem], outcomes: Sequence[Outcome]) -> list[MatchResult]:
+        return [
+            MatchResult(
+                score=result.rewards.get("matching"),
+                variant=item.variant,
+                details=result.details.get("matching", {}),
+                error=result.error,
+                error_code=result.error_code,
+                profile=profile,
+                versions=versions,
             )
-        return answers
+            for item, (result, profile, versions) in zip(items, outcomes, strict=True)
+        ]
+
+    def score(self, items: Sequence[ScoreItem]) -> list[ItemResult]:
+        """/score in one call (decode, then score on the calling thread); the service batches across requests."""
+        return self.score_answers(self.run(self.prepare(items)))
+
+    def match(self, items: Sequence[MatchItem]) -> list[MatchResult]:
+        variants = [item.variant for item in items]
+        return self.match_answers(items, self.run(self.prepare(items, variants, "match")))
 
     def rank(
         self,
@@ -180,8 +232,12 @@ class RewardEngine:
     ) -> list[RankResult]:
         """Score every candidate, combine the rewards per group (default: the weighted total), order them and
         pick chosen/rejected; with options.margin set, a pair closer than the margin (or a tie) is not chosen."""
-        options = options or RankOptions()
-        flat = [
+        return self.rank_answers(groups, self.score(self.rank_items(groups, rewards, profile)), rewards, options)
+
+    @staticmethod
+    def rank_items(groups: Sequence[RankGroup], rewards: RewardSpec | None, profile: str | None) -> list[ScoreItem]:
+        """Every candidate of every group as a /score item."""
+        return [
             ScoreItem(
                 image=candidate.image,
                 array=candidate.array,
@@ -193,7 +249,15 @@ class RewardEngine:
             for group in groups
             for candidate in group.candidates
         ]
-        scored = self.score(flat)
+
+    def rank_answers(
+        self,
+        groups: Sequence[RankGroup],
+        scored: Sequence[ItemResult],
+        rewards: RewardSpec | None,
+        options: RankOptions | None = None,
+    ) -> list[RankResult]:
+        options = options or RankOptions()
         answers, start = [], 0
         for group in groups:
             members = scored[start : start + len(group.candidates)]

@@ -1,7 +1,8 @@
 """ASGI middleware in front of every endpoint: bearer-token auth, request content types, request-size limit, and
 load shedding:
-beyond max_inflight requests in flight the service answers 503 with Retry-After at once, instead of queueing
-without bound, so clients back off."""
+beyond max_inflight requests in flight, or while the model queue already holds more work than the latency budget
+(`overloaded`, asked for the shed paths only), the service answers 503 with Retry-After at once, before reading
+the body, instead of queueing without bound, so clients back off."""
 
 from __future__ import annotations
 
@@ -47,9 +48,13 @@ class GuardMiddleware:
         max_request_bytes: int = 64 << 20,
         retry_after_s: int = 1,
         max_inflight: int | None = None,
+        overloaded: Callable[[], str | None] | None = None,
+        shed_paths: frozenset[str] = frozenset(),
     ):
         self.app = app
         self.max_inflight = max_inflight
+        self.overloaded = overloaded  # None when there is room, else why not
+        self.shed_paths = shed_paths
         self.inflight = 0  # one event loop per worker: a plain int is safe
         self.token = token.encode() if token else None
         self.max_request_bytes = max_request_bytes
@@ -91,6 +96,10 @@ class GuardMiddleware:
                 {"error": f"overloaded: {self.inflight} requests in flight; retry later"},
                 [(b"retry-after", self.retry_after)],
             )
+            return
+        busy = self.overloaded() if shed and self.overloaded and scope.get("path") in self.shed_paths else None
+        if busy is not None:
+            await _send_json(send, 503, {"error": busy}, [(b"retry-after", self.retry_after)])
             return
         if shed:
             self.inflight += 1

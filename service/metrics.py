@@ -30,6 +30,12 @@ BATCH_SIZE = Histogram(
     registry=REGISTRY,
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
+QUEUE_WAIT = Histogram(
+    "rewardscope_queue_wait_seconds",
+    "Seconds the oldest request of a batch waited, decoded, for the model thread",
+    registry=REGISTRY,
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
 MODEL_LOAD = Gauge(
     "rewardscope_model_load_seconds", "Seconds to load a Scorer's models", ["rewards"], registry=REGISTRY
 )
@@ -38,6 +44,10 @@ GOLDEN_OK = Gauge("rewardscope_golden_check_ok", "1 when the start-up golden che
 
 def observe_reward(name: str, seconds: float, items: int) -> None:
     REWARD_LATENCY.labels(reward=name).observe(seconds)
+
+
+def observe_batch(items: int, waited_s: float, seconds: float) -> None:
+    QUEUE_WAIT.observe(waited_s)
 
 
 def render() -> str:

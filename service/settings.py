@@ -29,8 +29,11 @@ class ServiceSettings(BaseModel):
     profile: str = "train"
     # On CPU small batches keep decoding and inference overlapped (measured in benchmarks/RESULTS.md); raise on GPUs.
     max_batch_size: int = 8
-    # BentoML sheds (503) requests it predicts cannot finish within this bound: it is a latency budget, not a wait.
+    # Requests predicted (at the measured seconds per item) to finish later than this are refused at once with 503:
+    # a latency budget, not a wait. Batches never wait for more requests.
     max_latency_ms: int = 20000
+    # Items decoded ahead of the model thread (bounds the decoded pixels held); requests beyond wait to decode.
+    max_ahead_items: int = 256
     max_items: int = 256
     max_request_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 40_000_000
@@ -38,6 +41,8 @@ class ServiceSettings(BaseModel):
     max_grad_pixels: int = 1024 * 1024
     grad_chunk_pixels: int = 4 * 512 * 512
     max_concurrency: int = 64  # per worker
+    # Threads decoding requests' images (base64, PIL, letterbox) beside the model thread; 0: min(4, CPU count).
+    decode_threads: int = 0
     # Worker processes, each with its own models. On 2 cores, 2 workers with one onnxruntime thread each
     # (REWARDSCOPE_CONFIG '{"matching": {"intra_op_threads": 1}}') gave 1.10-1.13x the throughput at 8+ requests in
     # flight but half the speed of a lone request (benchmarks/RESULTS.md). Each worker exports its own /metrics.

@@ -1,0 +1,241 @@
+"""Work-conserving dynamic batching: one model thread, and whatever requests queued while it was busy form its
+next batch. It never holds a batch back to wait for more (BentoML's CorkDispatcher does, when its optimiser
+expects more requests soon; on a CPU, where a larger batch buys the forward nothing, that wait is idle time).
+Batches still form under load, so a GPU gets them; `max_batch_size` caps them in items.
+
+Ahead of the model thread, each request is decoded (`prepare`, on other threads) while earlier batches run, up
+to `max_ahead_items` items decoded and waiting, so decoded pixels held in memory stay bounded; requests beyond
+that wait, first come first served, before decoding.
+
+Admission: a request whose items would, at the measured seconds per item, finish later than `max_latency_s` after
+arrival is refused at once (Overloaded, answered 503 + Retry-After) instead of joining a queue it cannot leave in
+time. A batch that raises is retried request by request, so one request's failure is not its neighbours'."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+S = TypeVar("S")
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Overloaded(RuntimeError):
+    """The request would not finish within the latency budget: answer 503 with Retry-After."""
+
+
+@dataclass
+class _Job(Generic[T, R]):
+    items: Sequence[T]
+    future: asyncio.Future[list[R]]
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class ItemBudget:
+    """At most `limit` items held at once, granted first come first served; a request larger than the limit is
+    granted when nothing else is held."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self.held = 0
+        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    @property
+    def waiting(self) -> int:
+        return sum(count for count, future in self._waiters if not future.done())
+
+    def _fits(self, count: int) -> bool:
+        return self.held == 0 or self.held + count <= self.limit
+
+    async def acquire(self, count: int) -> None:
+        if not self._waiters and self._fits(count):
+            self.held += count
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((count, future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():  # granted just as the caller went away
+                self.release(count)
+            else:
+                self._grant()  # those queued behind it may fit now
+            raise
+
+    def release(self, count: int) -> None:
+        self.held -= count
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiters:
+            waiting, future = self._waiters[0]
+            if future.done():  # cancelled while waiting
+                self._waiters.popleft()
+                continue
+            if not self._fits(waiting):
+                break
+            self._waiters.popleft()
+            self.held += waiting
+            future.set_result(None)
+
+
+class Batcher(Generic[S, T, R]):
+    """`await batcher.submit(raw, prepare)` -> `run(prepare(raw))`'s answers for those items, computed in one
+    batch with the requests queued beside them. `run` takes a flat list and returns one answer per item, in order;
+    it runs on the batcher's single model thread, never two at once. It binds to the first event loop using it."""
+
+    def __init__(
+        self,
+        run: Callable[[list[T]], list[R]],
+        max_batch_size: int,
+        max_latency_s: float,
+        max_ahead_items: int = 256,
+        name: str = "model",
+        observe: Callable[[int, float, float], None] | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        self.run = run
+        self.ahead = ItemBudget(max_ahead_items)
+        self.max_batch_size = max_batch_size
+        self.max_latency_s = max_latency_s
+        self.observe = observe  # (items in the batch, seconds queued by its oldest request, seconds running)
+        self._queue: collections.deque[_Job[T, R]] = collections.deque()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"rewardscope-{name}")
+        self._wake: asyncio.Event | None = None
+        self._consumer: asyncio.Task[None] | None = None
+        self.queued_items = 0  # decoded, waiting for the model thread
+        self.running_items = 0
+        self.item_seconds: float | None = None  # moving average of model-thread seconds per item
+
+    def items_ahead(self) -> int:
+        """Items accepted and not yet answered: waiting to decode, decoding, queued or running."""
+        return self.ahead.held + self.ahead.waiting
+
+    def expected_wait_s(self, extra_items: int = 0) -> float:
+        """Seconds until `extra_items` more items would be answered, at the measured rate (0 before any batch)."""
+        return (self.items_ahead() + extra_items) * (self.item_seconds or 0.0)
+
+    def over_budget(self) -> str | None:
+        """Why a new request would be refused before anything is known of it (the work already accepted exceeds
+        the latency budget), or None. Cheap: the HTTP guard asks it before reading a request's body."""
+        expected = self.expected_wait_s()
+        if expected <= self.max_latency_s:
+            return None
+        return (
+            f"overloaded: {self.items_ahead()} items ahead would take about {expected:.1f}s,"
+            f" over the {self.max_latency_s:g}s latency budget; retry later"
+        )
+
+    async def submit(self, raw: Sequence[S], prepare: Callable[[Sequence[S]], Sequence[T]]) -> list[R]:
+        """Decode `raw` with `prepare` (on a worker thread, once the decode-ahead budget has room), then batch it."""
+        if not raw:
+            return []
+        if self.expected_wait_s(len(raw)) > self.max_latency_s:
+            raise Overloaded(
+                f"overloaded: {self.items_ahead()} items ahead and {len(raw)} more would take about"
+                f" {self.expected_wait_s(len(raw)):.1f}s, over the {self.max_latency_s:g}s latency budget; retry later"
+            )
+        await self.ahead.acquire(len(raw))
+        try:
+            items = await asyncio.get_running_loop().run_in_executor(None, prepare, raw)
+            return await self._batched(items)
+        finally:
+            self.ahead.release(len(raw))
+
+    async def _batched(self, items: Sequence[T]) -> list[R]:
+        loop = asyncio.get_running_loop()
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        if self._consumer is None or self._consumer.done():
+            self._consumer = loop.create_task(self._consume(), name="rewardscope-batcher")
+        job: _Job[T, R] = _Job(items, loop.create_future())
+        self._queue.append(job)
+        self.queued_items += len(items)
+        self._wake.set()
+        try:
+            return await job.future
+        finally:
+            if not job.future.done():  # the caller went away (client disconnected): drop the job if still queued
+                job.future.cancel()
+
+    def _take(self) -> list[_Job[T, R]]:
+        """The oldest live requests whose items fit in one batch (always at least one request, whatever its size)."""
+        jobs: list[_Job[T, R]] = []
+        size = 0
+        while self._queue:
+            job = self._queue[0]
+            if job.future.done():  # cancelled while queued
+                self._queue.popleft()
+                self.queued_items -= len(job.items)
+                continue
+            if jobs and size + len(job.items) > self.max_batch_size:
+                break
+            self._queue.popleft()
+            self.queued_items -= len(job.items)
+            jobs.append(job)
+            size += len(job.items)
+        return jobs
+
+    async def _consume(self) -> None:
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            jobs = self._take()
+            if not jobs:
+                self._wake.clear()
+                continue
+            size = sum(len(job.items) for job in jobs)
+            self.running_items = size
+            started = time.monotonic()
+            try:
+                answers = await loop.run_in_executor(self._executor, self._run_jobs, jobs)
+            finally:
+                self.running_items = 0
+            seconds = time.monotonic() - started
+            per_item = seconds / size
+            self.item_seconds = per_item if self.item_seconds is None else 0.8 * self.item_seconds + 0.2 * per_item
+            if self.observe is not None:
+                self.observe(size, started - jobs[0].enqueued, seconds)
+            for job, answer in zip(jobs, answers, strict=True):
+                if job.future.done():
+                    continue
+                if isinstance(answer, BaseException):
+                    job.future.set_exception(answer)
+                else:
+                    job.future.set_result(answer)
+
+    def _run_jobs(self, jobs: list[_Job[T, R]]) -> list[list[R] | BaseException]:
+        """On the model thread: the batch in one call; if that raises, each request alone."""
+        flat = [item for job in jobs for item in job.items]
+        try:
+            answers = self.run(flat)
+            if len(answers) != len(flat):
+                raise RuntimeError(f"batch function returned {len(answers)} answers for {len(flat)} items")
+        except Exception as exc:
+            if len(jobs) == 1:
+                log.exception("batch of %d items failed", len(flat))
+                return [exc]
+            log.exception("batch of %d requests failed; retrying request by request", len(jobs))
+            return [self._run_jobs([job])[0] for job in jobs]
+        out: list[list[R] | BaseException] = []
+        start = 0
+        for job in jobs:
+            out.append(answers[start : start + len(job.items)])
+            start += len(job.items)
+        return out
+
+    def shutdown(self) -> None:
+        if self._consumer is not None:
+            self._consumer.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,199 @@
+"""service.batching: the work-conserving Batcher behind /score, /match and /rank, and its decode-ahead budget.
+The model function here blocks on events the test sets, so which requests share a batch is decided by the test,
+not by timing."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from service.batching import Batcher, ItemBudget, Overloaded
+
+
+class Model:
+    """Records every batch; each call blocks until the test releases it (one event per call)."""
+
+    def __init__(self, fail_on: str | None = None) -> None:
+        self.batches: list[list[str]] = []
+        self.release: list[threading.Event] = [threading.Event() for _ in range(16)]
+        self.started = threading.Event()
+        self.fail_on = fail_on
+
+    def __call__(self, items: list[str]) -> list[str]:
+        call = len(self.batches)
+        self.batches.append(list(items))
+        self.started.set()
+        assert self.release[call].wait(10), "the test never released this batch"
+        if self.fail_on is not None and self.fail_on in items:
+            raise ValueError(f"cannot score {self.fail_on}")
+        return [item.upper() for item in items]
+
+
+def prepared(raw: Sequence[str]) -> list[str]:
+    return [f"{item}!" for item in raw]
+
+
+async def until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never held"
+        await asyncio.sleep(0.005)
+
+
+async def queue_in_order(batcher: Batcher, requests: Sequence[Sequence[str]]) -> list[asyncio.Task]:
+    """Submit each request once the one before it is queued (decoding runs on threads: this fixes the order)."""
+    tasks = []
+    for raw in requests:
+        expected = batcher.queued_items + len(raw)
+        tasks.append(asyncio.create_task(batcher.submit(raw, prepared)))
+        await until(lambda expected=expected: batcher.queued_items == expected)
+    return tasks
+
+
+def test_a_lone_request_runs_at_once_and_requests_queued_meanwhile_share_the_next_batch():
+    model = Model()
+    batcher = Batcher(model, max_batch_size=8, max_latency_s=60)
+
+    async def scenario():
+        first = asyncio.create_task(batcher.submit(["a"], prepared))
+        await until(lambda: len(model.batches) == 1)  # nothing else queued, and it did not wait for company
+        later = await queue_in_order(batcher, [[name, name * 2] for name in "bcd"])
+        model.release[0].set()
+        model.release[1].set()
+        return await first, [await task for task in later]
+
+    first, later = asyncio.run(scenario())
+    assert model.batches == [["a!"], ["b!", "bb!", "c!", "cc!", "d!", "dd!"]]
+    assert first == ["A!"]
+    assert later == [["B!", "BB!"], ["C!", "CC!"], ["D!", "DD!"]]  # each request gets its own answers, in order
+    batcher.shutdown()
+
+
+def test_batches_are_capped_in_items_and_an_oversized_request_runs_alone():
+    model = Model()
+    batcher = Batcher(model, max_batch_size=4, max_latency_s=60)
+
+    async def scenario():
+        first = asyncio.create_task(batcher.submit(["a"], prepared))
+        await until(lambda: len(model.batches) == 1)
+        sizes = [2, 2, 1, 6, 1]
+        tasks = await queue_in_order(batcher, [[f"r{n}i{k}" for k in range(size)] for n, size in enumerate(sizes)])
+        for event in model.release:
+            event.set()
+        await first
+        return [len(answer) for answer in [await task for task in tasks]]
+
+    assert asyncio.run(scenario()) == [2, 2, 1, 6, 1]
+    assert [len(batch) for batch in model.batches] == [1, 4, 1, 6, 1]  # 2+2 | 1 (6 does not fit) | 6 alone | 1
+    batcher.shutdown()
+
+
+def test_a_failing_batch_is_retried_request_by_request_so_only_the_bad_request_fails():
+    model = Model(fail_on="bad!")
+    batcher = Batcher(model, max_batch_size=8, max_latency_s=60)
+
+    async def scenario():
+        first = asyncio.create_task(batcher.submit(["a"], prepared))
+        await until(lambda: len(model.batches) == 1)
+        tasks = await queue_in_order(batcher, [["x", "y"], ["bad"], ["z"]])
+        for event in model.release:
+            event.set()
+        await first
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    good, bad, last = asyncio.run(scenario())
+    assert good == ["X!", "Y!"] and last == ["Z!"]
+    assert isinstance(bad, ValueError) and "bad!" in str(bad)
+    assert model.batches[1:] == [["x!", "y!", "bad!", "z!"], ["x!", "y!"], ["bad!"], ["z!"]]
+    batcher.shutdown()
+
+
+def test_a_request_that_cannot_finish_within_the_latency_budget_is_refused_at_once():
+    model = Model()
+    batcher = Batcher(model, max_batch_size=8, max_latency_s=1.0)
+    batcher.item_seconds = 0.1  # as if measured: 10 items fill the budget
+
+    async def scenario():
+        first = asyncio.create_task(batcher.submit(["a"] * 6, prepared))
+        await until(lambda: len(model.batches) == 1)
+        fits = asyncio.create_task(batcher.submit(["b"] * 4, prepared))  # 6 + 4 items: 1.0 s, within budget
+        await until(lambda: batcher.queued_items == 4)
+        with pytest.raises(Overloaded, match="latency budget"):
+            await batcher.submit(["c"], prepared)  # the 11th item: refused without queueing
+        assert batcher.queued_items == 4
+        for event in model.release:
+            event.set()
+        return await first, await fits
+
+    first, fits = asyncio.run(scenario())
+    assert len(first) == 6 and len(fits) == 4
+    assert [len(batch) for batch in model.batches] == [6, 4]
+    assert batcher.item_seconds is not None and batcher.item_seconds < 0.1  # re-measured from the real batches
+    batcher.shutdown()
+
+
+def test_a_request_whose_caller_went_away_never_reaches_the_model():
+    model = Model()
+    batcher = Batcher(model, max_batch_size=8, max_latency_s=60)
+
+    async def scenario():
+        first = asyncio.create_task(batcher.submit(["a"], prepared))
+        await until(lambda: len(model.batches) == 1)
+        gone, kept = await queue_in_order(batcher, [["gone"], ["kept"]])
+        gone.cancel()
+        for event in model.release:
+            event.set()
+        await first
+        return await kept
+
+    assert asyncio.run(scenario()) == ["KEPT!"]
+    assert model.batches == [["a!"], ["kept!"]]
+    assert batcher.ahead.held == 0 and batcher.ahead.waiting == 0  # the cancelled request gave its budget back
+    batcher.shutdown()
+
+
+def test_decoding_ahead_of_the_model_is_bounded_in_items_and_first_come_first_served():
+    model = Model()
+    batcher = Batcher(model, max_batch_size=64, max_latency_s=60, max_ahead_items=5)
+    decoded: list[str] = []
+
+    def prepare(raw: Sequence[str]) -> list[str]:
+        decoded.extend(raw)
+        return prepared(raw)
+
+    async def scenario():
+        first = asyncio.create_task(batcher.submit(["a", "a"], prepare))
+        await until(lambda: len(model.batches) == 1)
+        tasks = [asyncio.create_task(batcher.submit(raw, prepare)) for raw in (["b", "b"], ["c", "c"], ["d"])]
+        await until(lambda: batcher.queued_items == 2)
+        await asyncio.sleep(0.05)
+        held = list(decoded)  # a (running) and b fit in 5 items; c waits, and d waits behind c though it would fit
+        for event in model.release:
+            event.set()
+        await first
+        await asyncio.gather(*tasks)
+        return held
+
+    assert asyncio.run(scenario()) == ["a", "a", "b", "b"]
+    assert sorted(decoded) == ["a", "a", "b", "b", "c", "c", "d"]
+    assert batcher.ahead.held == 0
+    batcher.shutdown()
+
+
+def test_the_item_budget_grants_an_oversized_request_when_nothing_else_is_held():
+    budget = ItemBudget(4)
+
+    async def scenario():
+        await budget.acquire(3)
+        big = asyncio.create_task(budget.acquire(10))
+        await asyncio.sleep(0.01)
+        assert not big.done() and budget.waiting == 10
+        budget.release(3)
+        await big
+        return budget.held
+
+    assert asyncio.run(scenario()) == 10
