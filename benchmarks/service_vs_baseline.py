@@ -1,16 +1,17 @@
-"""Benchmark: the service (`rewardscope serve`, BentoML, adaptive batching, 503 shedding) against a reward-server-
-style baseline (loadtests/baseline_server.py: Flask behind one gunicorn sync worker, one request at a time), both
-with the same Scorer and embedded detector, under the same closed-loop load at concurrency 1, 8, 32 and 64, side
+"""Benchmark: the service (`rewardscope serve`: decode threads, work-conserving batching on two model lanes, 503
+shedding) against a reward-server-style baseline (loadtests/baseline_server.py: Flask behind one gunicorn sync
+worker, one request at a time), both with the same Scorer and embedded detector, under the same closed-loop load at concurrency 1, 8, 32 and 64, side
 by side in one run: per concurrency, windows in the order A B B A, so drifting background load hits both alike.
 Each client thread has its own httpx client and sends the next request as soon as its last one is answered (after
 a 503, once Retry-After has passed); every request carries 4 JPEG-encoded 512x512 photos (bus, zidane, skimage
 astronaut/chelsea/coffee/rocket/motorcycle) with prompts, base64 in JSON, the same bodies for both sides.
 
 Per side and concurrency: images/s (images in 200 answers whose items all scored, answered in the measured
-windows, / their length), p50/p99 latency over those successful requests only, and apart from them the 503s
-(by the service's in-flight limit, or BentoML's latency budget) and other errors; and the CPU time all of the
+windows, / their length), p50/p99 latency over those successful requests only, p99 "e2e" of the same requests
+from their first try (a request shed with 503 is sent again after Retry-After), and apart from them the 503s
+(by the service's in-flight limit, or its latency budget) and other errors; and the CPU time all of the
 server's processes spent per such image, which other jobs on a shared machine disturb less than wall time.
-Then the service's batch-size curve (REWARDSCOPE_MAX_BATCH_SIZE 2..32, 1 image per request at concurrency 32, a
+Then the service's batch-size curve (REWARDSCOPE_MAX_BATCH_SIZE 1..32, 1 image per request at concurrency 32, a
 fresh server per size) beside the detector alone (letterbox + forward) at batch sizes 1..32.
 
 Run: .venv/bin/python benchmarks/service_vs_baseline.py [--duration 30] [--warmup 5] [--skip-curve]"""

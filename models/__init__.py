@@ -1,6 +1,7 @@
 """rewardscope rewards: the Scorer, the reward registry and the rewards themselves.
 `from models import Scorer` is the in-process API."""
 
+from .detection.detector import single_threaded
 from .registry import create_reward, list_rewards, register_reward
 from .scorer import Scorer
 from .types import RewardOutput, Sample, ScoreResult
@@ -13,4 +14,5 @@ __all__ = [
     "create_reward",
     "list_rewards",
     "register_reward",
+    "single_threaded",
 ]

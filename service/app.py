@@ -19,6 +19,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from models import single_threaded
+
 from . import metrics
 from .batching import Batcher, Overloaded
 from .engine import Outcome, RewardEngine
@@ -57,6 +59,8 @@ class RewardService:
             max_batch_size=SETTINGS.max_batch_size,
             max_latency_s=SETTINGS.max_latency_ms / 1000,
             max_ahead_items=SETTINGS.max_ahead_items,
+            lanes=SETTINGS.model_lanes,
+            narrow=single_threaded,
             observe=metrics.observe_batch,
         )
         self.gradients = GradientEngine(self.engine)

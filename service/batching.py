@@ -7,6 +7,12 @@ Ahead of the model thread, each request is decoded (`prepare`, on other threads)
 to `max_ahead_items` items decoded and waiting, so decoded pixels held in memory stay bounded; requests beyond
 that wait, first come first served, before decoding.
 
+Lanes: with `lanes` > 1, up to that many batches run at once on their own model threads. A batch that starts
+while another runs, or with more queued behind it, runs inside `narrow()` (for the detector: one onnxruntime
+thread instead of all cores), so two batches share the cores rather than each spreading over all of them and
+waiting on the other; a lone batch keeps every core. On 2 cores this overlaps one batch's Python and decoding
+work with the other's forward pass.
+
 Admission: a request whose items would, at the measured seconds per item, finish later than `max_latency_s` after
 arrival is refused at once (Overloaded, answered 503 + Retry-After) instead of joining a queue it cannot leave in
 time. A batch that raises is retried request by request, so one request's failure is not its neighbours'."""
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -99,18 +106,24 @@ class Batcher(Generic[S, T, R]):
         max_batch_size: int,
         max_latency_s: float,
         max_ahead_items: int = 256,
+        lanes: int = 1,
+        narrow: Callable[[], contextlib.AbstractContextManager[object]] | None = None,
         name: str = "model",
         observe: Callable[[int, float, float], None] | None = None,
     ) -> None:
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        if max_batch_size < 1 or lanes < 1:
+            raise ValueError(f"max_batch_size and lanes must be at least 1, got {max_batch_size} and {lanes}")
         self.run = run
+        self.lanes = lanes
+        self.narrow = narrow
+        self.busy = 0  # lanes running a batch
+        self._running: set[asyncio.Task[None]] = set()
         self.ahead = ItemBudget(max_ahead_items)
         self.max_batch_size = max_batch_size
         self.max_latency_s = max_latency_s
         self.observe = observe  # (items in the batch, seconds queued by its oldest request, seconds running)
         self._queue: collections.deque[_Job[T, R]] = collections.deque()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"rewardscope-{name}")
+        self._executor = ThreadPoolExecutor(lanes, thread_name_prefix=f"rewardscope-{name}")
         self._wake: asyncio.Event | None = None
         self._consumer: asyncio.Task[None] | None = None
         self.queued_items = 0  # decoded, waiting for the model thread
@@ -188,38 +201,49 @@ class Batcher(Generic[S, T, R]):
 
     async def _consume(self) -> None:
         assert self._wake is not None
-        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
-            jobs = self._take()
+            jobs = self._take() if self.busy < self.lanes else []
             if not jobs:
-                self._wake.clear()
+                self._wake.clear()  # set again by the next request or the next lane to finish
                 continue
-            size = sum(len(job.items) for job in jobs)
-            self.running_items = size
-            started = time.monotonic()
-            try:
-                answers = await loop.run_in_executor(self._executor, self._run_jobs, jobs)
-            finally:
-                self.running_items = 0
-            seconds = time.monotonic() - started
-            per_item = seconds / size
-            self.item_seconds = per_item if self.item_seconds is None else 0.8 * self.item_seconds + 0.2 * per_item
-            if self.observe is not None:
-                self.observe(size, started - jobs[0].enqueued, seconds)
-            for job, answer in zip(jobs, answers, strict=True):
-                if job.future.done():
-                    continue
-                if isinstance(answer, BaseException):
-                    job.future.set_exception(answer)
-                else:
-                    job.future.set_result(answer)
+            narrow = self.narrow is not None and self.lanes > 1 and (self.busy > 0 or self.queued_items > 0)
+            self.busy += 1
+            task = asyncio.get_running_loop().create_task(self._dispatch(jobs, narrow))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
 
-    def _run_jobs(self, jobs: list[_Job[T, R]]) -> list[list[R] | BaseException]:
-        """On the model thread: the batch in one call; if that raises, each request alone."""
+    async def _dispatch(self, jobs: list[_Job[T, R]], narrow: bool) -> None:
+        assert self._wake is not None
+        size = sum(len(job.items) for job in jobs)
+        self.running_items += size
+        started = time.monotonic()
+        try:
+            answers = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_jobs, jobs, narrow)
+        finally:
+            self.running_items -= size
+            self.busy -= 1
+            self._wake.set()
+        seconds = time.monotonic() - started
+        # Seconds of throughput per item: narrow batches run side by side, one per lane.
+        per_item = seconds / size / (self.lanes if narrow else 1)
+        self.item_seconds = per_item if self.item_seconds is None else 0.8 * self.item_seconds + 0.2 * per_item
+        if self.observe is not None:
+            self.observe(size, started - jobs[0].enqueued, seconds)
+        for job, answer in zip(jobs, answers, strict=True):
+            if job.future.done():
+                continue
+            if isinstance(answer, BaseException):
+                job.future.set_exception(answer)
+            else:
+                job.future.set_result(answer)
+
+    def _run_jobs(self, jobs: list[_Job[T, R]], narrow: bool = False) -> list[list[R] | BaseException]:
+        """On a model thread: the batch in one call; if that raises, each request alone."""
         flat = [item for job in jobs for item in job.items]
         try:
-            answers = self.run(flat)
+            with self.narrow() if narrow and self.narrow is not None else contextlib.nullcontext():
+                answers = self.run(flat)
             if len(answers) != len(flat):
                 raise RuntimeError(f"batch function returned {len(answers)} answers for {len(flat)} items")
         except Exception as exc:
@@ -227,7 +251,7 @@ class Batcher(Generic[S, T, R]):
                 log.exception("batch of %d items failed", len(flat))
                 return [exc]
             log.exception("batch of %d requests failed; retrying request by request", len(jobs))
-            return [self._run_jobs([job])[0] for job in jobs]
+            return [self._run_jobs([job], narrow)[0] for job in jobs]
         out: list[list[R] | BaseException] = []
         start = 0
         for job in jobs:
@@ -238,4 +262,6 @@ class Batcher(Generic[S, T, R]):
     def shutdown(self) -> None:
         if self._consumer is not None:
             self._consumer.cancel()
+        for task in list(self._running):
+            task.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -41,6 +41,9 @@ class ServiceSettings(BaseModel):
     max_grad_pixels: int = 1024 * 1024
     grad_chunk_pixels: int = 4 * 512 * 512
     max_concurrency: int = 64  # per worker
+    # Batches run side by side (each on its own model thread). A batch that overlaps another runs its detector on
+    # one onnxruntime thread; a lone batch uses every core (service/batching.py; figures in benchmarks/RESULTS.md).
+    model_lanes: int = 2
     # Threads decoding requests' images (base64, PIL, letterbox) beside the model thread; 0: min(4, CPU count).
     decode_threads: int = 0
     # Worker processes, each with its own models. On 2 cores, 2 workers with one onnxruntime thread each

@@ -5,6 +5,7 @@ not by timing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Sequence
@@ -197,3 +198,46 @@ def test_the_item_budget_grants_an_oversized_request_when_nothing_else_is_held()
         return budget.held
 
     assert asyncio.run(scenario()) == 10
+
+
+def test_with_two_lanes_a_lone_batch_keeps_every_core_and_overlapping_batches_run_narrow():
+    state = threading.local()
+    narrow_flags: dict[str, bool] = {}
+
+    @contextlib.contextmanager
+    def narrow():
+        state.narrow = True
+        try:
+            yield
+        finally:
+            state.narrow = False
+
+    model = Model()
+
+    def run(items: list[str]) -> list[str]:
+        narrow_flags[items[0]] = getattr(state, "narrow", False)
+        return model(items)
+
+    batcher = Batcher(run, max_batch_size=8, max_latency_s=60, lanes=2, narrow=narrow)
+
+    async def scenario():
+        alone = asyncio.create_task(batcher.submit(["alone"], prepared))
+        await until(lambda: len(model.batches) == 1)
+        beside = asyncio.create_task(batcher.submit(["beside"], prepared))
+        await until(lambda: len(model.batches) == 2)  # the second lane took it while the first still runs
+        assert batcher.busy == 2
+        (queued,) = await queue_in_order(batcher, [["queued"]])  # both lanes busy: it waits
+        await asyncio.sleep(0.05)
+        assert len(model.batches) == 2
+        model.release[0].set()  # "alone" ends; "queued" starts beside the still running "beside"
+        await until(lambda: len(model.batches) == 3)
+        model.release[1].set()
+        model.release[2].set()
+        await asyncio.gather(alone, beside, queued)
+        model.release[3].set()
+        return await batcher.submit(["later"], prepared)  # nothing else running or queued: every core again
+
+    assert asyncio.run(scenario()) == ["LATER!"]
+    assert [batch[0] for batch in model.batches] == ["alone!", "beside!", "queued!", "later!"]
+    assert narrow_flags == {"alone!": False, "beside!": True, "queued!": True, "later!": False}
+    batcher.shutdown()

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from models.detection.darknet import DarknetYolo, parse_cfg
-from models.detection.detector import OnnxDetector, letterbox_batch
+from models.detection.detector import OnnxDetector, letterbox_batch, single_threaded
 from models.detection.export import DARKNET_TO_COCO
 
 
@@ -97,3 +97,16 @@ def test_letterboxing_ahead_with_prepare_gives_the_same_candidates(detector, bus
     prepared = detector(copies)
     torch.testing.assert_close(prepared, plain, rtol=0, atol=0)
     assert all(id(image) not in detector._resized for image in copies)  # used once, then dropped
+
+
+def test_single_threaded_runs_a_one_thread_session_with_the_same_candidates(detector, bus, zidane):
+    plain = detector([bus, zidane])
+    with single_threaded():
+        narrow = detector([bus, zidane])
+        narrow_session = detector._narrow_session
+    after = detector([bus])
+    assert narrow_session is not None and narrow_session is not detector.session
+    assert narrow_session.get_session_options().intra_op_num_threads == 1
+    # Same graph and weights on fewer threads: reductions may sum in another order, nothing more.
+    torch.testing.assert_close(narrow, plain, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(after, plain[:1], rtol=0, atol=0)  # outside the block: the all-cores session again

@@ -4,12 +4,13 @@ output decoded to candidates [B, N, 4 + C] (x0, y0, x1, y1 in original-image pix
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import logging
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,22 @@ class Letterbox:
 
     scale: np.ndarray
     padding: np.ndarray
+
+
+_NARROW = threading.local()
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """Inside this block, on this thread, CPU detectors run their forward pass on one onnxruntime thread (a second
+    session, made on first use) instead of all cores: for a server that runs two batches side by side on a small
+    CPU, so each keeps one core busy instead of both contending for every core. GPU sessions are unaffected."""
+    previous = getattr(_NARROW, "active", False)
+    _NARROW.active = True
+    try:
+        yield
+    finally:
+        _NARROW.active = previous
 
 
 _OPTIMIZATION_LEVELS = {
@@ -126,15 +143,13 @@ class OnnxDetector:
     def __init__(self, path: str | Path, config: DetectorConfig | None = None) -> None:
         self.path = Path(path)
         self.config = config or DetectorConfig()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.config.intra_op_threads
-        options.inter_op_num_threads = self.config.inter_op_threads
-        options.graph_optimization_level = _OPTIMIZATION_LEVELS[self.config.graph_optimization]
-        options.log_severity_level = 3
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.config.allow_spinning else "0")
-        providers = list(self.config.providers) if self.config.providers else _default_providers()
-        self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+        self._requested_providers = list(self.config.providers) if self.config.providers else _default_providers()
+        self.session = self._session(self.config.intra_op_threads)
         self.providers = self.session.get_providers()
+        # The one-thread twin for single_threaded() blocks; only worth having where the forward runs on CPU threads.
+        self._narrow_session: ort.InferenceSession | None = None
+        self._narrow_lock = threading.Lock()
+        self._narrows = self.providers[0] == "CPUExecutionProvider" and self.config.intra_op_threads != 1
         log.info("detector %s runs on %s", self.path.name, ", ".join(self.providers))
 
         metadata = _read_metadata(self.session, self.path)
@@ -157,6 +172,23 @@ class OnnxDetector:
         # images are unhashable; the weak ref tells a live image from a new one that reuses a dead one's id.
         self._resized: OrderedDict[int, tuple[weakref.ref[Image.Image], np.ndarray]] = OrderedDict()
         self._resized_lock = threading.Lock()
+
+    def _session(self, intra_op_threads: int) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = self.config.inter_op_threads
+        options.graph_optimization_level = _OPTIMIZATION_LEVELS[self.config.graph_optimization]
+        options.log_severity_level = 3
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.config.allow_spinning else "0")
+        return ort.InferenceSession(str(self.path), sess_options=options, providers=self._requested_providers)
+
+    def _current_session(self) -> ort.InferenceSession:
+        if not (self._narrows and getattr(_NARROW, "active", False)):
+            return self.session
+        with self._narrow_lock:
+            if self._narrow_session is None:
+                self._narrow_session = self._session(1)
+            return self._narrow_session
 
     def prepare(self, image: Image.Image) -> None:
         """Resize an RGB image to its letterbox size now, on the caller's thread (a pipeline's decode workers),
@@ -190,6 +222,7 @@ class OnnxDetector:
     def _run(self, batch: np.ndarray) -> np.ndarray:
         """Run the session over a preprocessed batch, chunked to the model's fixed batch or configured size."""
         step = self.fixed_batch or max(1, self.config.batch_size)
+        session = self._current_session()
         outputs = []
         for start in range(0, batch.shape[0], step):
             chunk = batch[start : start + step]
@@ -197,7 +230,7 @@ class OnnxDetector:
             if self.fixed_batch and real < self.fixed_batch:
                 filler = np.zeros((self.fixed_batch - real, *chunk.shape[1:]), dtype=chunk.dtype)
                 chunk = np.concatenate([chunk, filler])
-            outputs.append(self.session.run(None, {self.input_name: chunk})[0][:real])
+            outputs.append(session.run(None, {self.input_name: chunk})[0][:real])
         return np.concatenate(outputs)
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
