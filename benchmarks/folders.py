@@ -1,5 +1,6 @@
-"""Benchmark: the folder pipeline (prefetching decode on worker threads, batched scoring, fsync'd JSONL)
-against the detector alone on pre-decoded inputs (the limit) and a naive open-and-score-one-at-a-time loop,
+"""Benchmark: the folder pipeline (prefetching decode on worker threads, batches scored on two lanes, fsync'd
+JSONL) against the detector alone on pre-decoded inputs (the limit: the better of one session on all cores and
+two one-thread lanes side by side) and a naive open-and-score-one-at-a-time loop,
 on one folder of 512 JPEGs, side by side in one run.
 
 Run: .venv/bin/python benchmarks/folders.py [--images 512]"""
@@ -12,13 +13,14 @@ import platform
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PIL import Image  # noqa: E402
 
-from models import Scorer  # noqa: E402
+from models import Scorer, single_threaded  # noqa: E402
 from models.detection.detector import letterbox_batch  # noqa: E402
 from service import folders  # noqa: E402
 
@@ -38,6 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lanes", type=int, default=2, help="batches scored side by side by the pipeline")
     parser.add_argument("--spinning", action="store_true", help="let onnxruntime's idle threads spin (old default)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
@@ -60,11 +63,26 @@ def main() -> None:
         started = time.perf_counter()
         for batch in batches:
             detector.forward(batch)
-        detector_rate = len(items) / (time.perf_counter() - started)
+        wide_rate = len(items) / (time.perf_counter() - started)
+
+        # The same forward passes as the pipeline's two lanes run them: two threads, one onnxruntime thread each.
+        def lane(share: list) -> None:
+            with single_threaded():
+                for batch in share:
+                    detector.forward(batch)
+
+        with single_threaded():
+            detector.forward(batches[0])  # make the one-thread session before timing
+        started = time.perf_counter()
+        with ThreadPoolExecutor(2) as lanes:
+            list(lanes.map(lane, [batches[0::2], batches[1::2]]))
+        lanes_rate = len(items) / (time.perf_counter() - started)
+        detector_rate = max(wide_rate, lanes_rate)  # the limit: the detector's better configuration
         del decoded, batches
 
         started = time.perf_counter()
-        stats = folders.score_items(items, folders.ScorerBackend(scorer), Path(scratch) / "out", args.batch_size)
+        backend = folders.ScorerBackend(scorer)
+        stats = folders.score_items(items, backend, Path(scratch) / "out", args.batch_size, lanes=args.lanes)
         pipeline_rate = stats.scored / (time.perf_counter() - started)
 
         started = time.perf_counter()
@@ -75,16 +93,17 @@ def main() -> None:
     spinning = "on" if args.spinning else "off"
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores; {args.images} JPEGs, batch {args.batch_size}, "
-        f"onnxruntime spinning {spinning}"
+        f"onnxruntime spinning {spinning}, pipeline lanes {args.lanes}"
     )
     print(f"{'path':<52} {'images/s':>9} {'vs detector':>12}")
     for name, rate in [
-        ("detector forward alone (pre-decoded, letterboxed)", detector_rate),
+        ("detector forward alone, all cores (pre-decoded)", wide_rate),
+        ("detector forward alone, 2 lanes x 1 thread", lanes_rate),
         ("folder pipeline (decode+score+write)", pipeline_rate),
         ("naive loop (open, score one at a time; 1/4 of files)", naive_rate),
     ]:
         print(f"{name:<52} {rate:>9.1f} {rate / detector_rate:>12.2f}")
-    print(f"pipeline / detector alone: {pipeline_rate / detector_rate:.2f} (goal >= 0.9)")
+    print(f"pipeline / detector alone (the better of the two): {pipeline_rate / detector_rate:.2f} (goal >= 0.9)")
 
 
 if __name__ == "__main__":

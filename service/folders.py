@@ -3,13 +3,15 @@ engine, a resumable JSONL writer with a Parquet copy, and the run summary (GenEv
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import csv
 import json
 import os
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -122,7 +124,11 @@ class Backend(Protocol):
 
     def prefetch(self, item: FolderItem) -> Any: ...
 
-    def score(self, images: list[Any], prompts: list[str], metadata: list[dict | None]) -> list[dict[str, Any]]: ...
+    def score(
+        self, images: list[Any], prompts: list[str], metadata: list[dict | None], narrow: bool = False
+    ) -> list[dict[str, Any]]:
+        """narrow: this batch runs beside another, so an in-process model should keep to one core."""
+        ...
 
 
 def decode_or_path(item: FolderItem) -> Any:
@@ -140,6 +146,9 @@ class ScorerBackend:
         # Detectors that can letterbox ahead (OnnxDetector.prepare): the resize then runs on the decode workers.
         detectors = {id(d): d for d in (getattr(r, "detector", None) for r in scorer.rewards.values()) if d}
         self.prepare = [d.prepare for d in detectors.values() if hasattr(d, "prepare")]
+        from models import single_threaded
+
+        self.single_threaded = single_threaded
 
     def prefetch(self, item: FolderItem) -> Any:
         image = decode_or_path(item)
@@ -148,8 +157,9 @@ class ScorerBackend:
                 prepare(image)
         return image
 
-    def score(self, images, prompts, metadata):
-        return [result.to_dict() for result in self.scorer.score(images, prompts, metadata)]
+    def score(self, images, prompts, metadata, narrow=False):
+        with self.single_threaded() if narrow else contextlib.nullcontext():
+            return [result.to_dict() for result in self.scorer.score(images, prompts, metadata)]
 
 
 class ClientBackend:
@@ -161,7 +171,7 @@ class ClientBackend:
     def prefetch(self, item: FolderItem) -> Any:
         return item.path  # the client sends the file's bytes unchanged; the service decodes
 
-    def score(self, images, prompts, metadata):
+    def score(self, images, prompts, metadata, narrow=False):
         batch = self.client.score(images, prompts, metadata=metadata, rewards=self.rewards)
         return [
             {key: item.get(key) for key in ("rewards", "total", "details", "error", "error_code")}
@@ -240,38 +250,61 @@ def score_items(
     batch_size: int = 8,
     prefetch_batches: int = 2,
     on_batch: Callable[[int], None] | None = None,
+    lanes: int = 2,
 ) -> RunStats:
     """Score what out_dir does not hold yet, batch by batch; decoding runs ahead on worker threads so the
-    model never waits on disk. Ctrl-C stops after writing the batches already scored."""
+    model never waits on disk, and up to `lanes` batches score side by side (each then on one core: see
+    models.single_threaded), written in order. Ctrl-C stops after writing the batches already scoring."""
     writer = ResultsWriter(out_dir / RESULTS_FILE)
     todo = [item for item in items if item.key not in writer.done]
     stats = RunStats(skipped=len(items) - len(todo))
     batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+    lanes = max(1, lanes)
     started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode") as pool:
-        pending = [[pool.submit(backend.prefetch, i) for i in b] for b in batches[:prefetch_batches]]
+
+    def write(batch: list[FolderItem], results: list[dict[str, Any]]) -> None:
+        rows = [
+            {"key": i.key, "file": str(i.path), "prompt": i.prompt, "tag": i.tag, "group": i.group, **result}
+            for i, result in zip(batch, results, strict=True)
+        ]
+        writer.write(rows)
+        stats.scored += len(rows)
+        stats.errors += sum(row["error"] is not None for row in rows)
+        if on_batch:
+            on_batch(len(rows))
+
+    with (
+        ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode") as pool,
+        ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="score") as scoring,
+    ):
+        pending = [[pool.submit(backend.prefetch, i) for i in b] for b in batches[: prefetch_batches + lanes - 1]]
+        in_flight: collections.deque[tuple[list[FolderItem], Future[list[dict[str, Any]]]]] = collections.deque()
         try:
             for index, batch in enumerate(batches):
-                if index + prefetch_batches < len(batches):
-                    ahead = batches[index + prefetch_batches]
-                    pending.append([pool.submit(backend.prefetch, i) for i in ahead])
+                if len(pending) < len(batches):  # keep the same number of batches decoding ahead
+                    pending.append([pool.submit(backend.prefetch, i) for i in batches[len(pending)]])
                 images = [future.result() for future in pending[index]]
                 pending[index] = []
-                results = backend.score(images, [i.prompt for i in batch], [i.metadata for i in batch])
-                rows = [
-                    {"key": i.key, "file": str(i.path), "prompt": i.prompt, "tag": i.tag, "group": i.group, **result}
-                    for i, result in zip(batch, results, strict=True)
-                ]
-                writer.write(rows)
-                stats.scored += len(rows)
-                stats.errors += sum(row["error"] is not None for row in rows)
-                if on_batch:
-                    on_batch(len(rows))
+                # Side by side only when another batch runs or follows: a lone batch keeps every core.
+                narrow = lanes > 1 and (bool(in_flight) or index + 1 < len(batches))
+                prompts, metadata = [i.prompt for i in batch], [i.metadata for i in batch]
+                in_flight.append((batch, scoring.submit(backend.score, images, prompts, metadata, narrow)))
+                while len(in_flight) >= lanes:
+                    done, future = in_flight.popleft()
+                    write(done, future.result())
+            while in_flight:
+                done, future = in_flight.popleft()
+                write(done, future.result())
         except KeyboardInterrupt:
             stats.interrupted = True
             for futures in pending:
                 for future in futures:
                     future.cancel()
+            for done, future in in_flight:  # already scoring: keep their rows
+                try:
+                    write(done, future.result())
+                except Exception:  # noqa: BLE001 - stopping; what cannot be written is rescored on resume
+                    break
         finally:
             writer.close()
     stats.seconds = time.perf_counter() - started
