@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import gc
 import json
 import logging
 from collections.abc import Sequence
@@ -40,7 +41,7 @@ GradItems = Annotated[list[GradItem], Field(max_length=SETTINGS.max_items)]
 # work-conserving Batcher (service/batching.py) and its model thread.
 GRAD_BATCHING = {
     "batchable": True,
-    "max_batch_size": SETTINGS.max_batch_size,
+    "max_batch_size": max(2, SETTINGS.max_batch_size),  # BentoML refuses 1
     "max_latency_ms": SETTINGS.max_latency_ms,
 }
 
@@ -63,6 +64,8 @@ class RewardService:
             narrow=single_threaded,
             observe=metrics.observe_batch,
         )
+        if SETTINGS.model_lanes > 1:
+            self.engine.warm_single_threaded()
         self.gradients = GradientEngine(self.engine)
         self.golden = None
         if SETTINGS.golden_check:
@@ -73,6 +76,10 @@ class RewardService:
         metrics.GOLDEN_OK.set(1 if self.golden is None or self.golden.ok else 0)
         _INFO.engine = self.engine
         _INFO.service = self
+        # Everything loaded so far (models, libraries: ~400k tracked objects) lives as long as the process. Out
+        # of the collector's sight, full collections stop rescanning it: each took ~200 ms with the GIL held,
+        # every ~25 requests, stalling every request in flight (benchmarks/RESULTS.md).
+        gc.freeze()
 
     async def scored(
         self, items: Sequence[ScoreItem], endpoint: str, variants: Sequence[str | None] | None = None

@@ -117,7 +117,7 @@ def cmd_score_folder(args: argparse.Namespace) -> int:
             )
         else:
             assert backend is not None
-            stats = folders.score_items(items, backend, out_dir, args.batch_size, on_batch=advance)
+            stats = folders.score_items(items, backend, out_dir, args.batch_size, on_batch=advance, lanes=args.lanes)
         progress.update(task, completed=stats.skipped + stats.scored)
     rows = folders.read_rows(out_dir)
     versions = folders.versions_of(rows)
@@ -282,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--rewards", nargs="+", help="names, optionally name=weight (default: matching; geneval)")
     score.add_argument("--variant", choices=("seed", "soft", "geneval", "numeracy", "layout"))
     score.add_argument("--batch-size", type=int, default=8)
+    score.add_argument(
+        "--lanes", type=int, default=2, help="batches scored side by side, each on one core (1: one batch, all cores)"
+    )
     score.add_argument("--layout", default="auto", choices=("auto", "flat", "geneval", "t2i-compbench"))
     score.add_argument("--prompts", help="flat folders: CSV/JSONL mapping file name -> prompt (and metadata)")
     score.add_argument("--out", help="results folder (default: <folder>.rewardscope beside it)")

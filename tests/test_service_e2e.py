@@ -143,6 +143,51 @@ def test_concurrent_requests_are_batched(http, server, bus_path):
     assert calls > single, f"every call held one item: {series}"
 
 
+def _same(served, alone, path="answer"):
+    """Equal answers; floats to 1e-5 (a batch beside another runs the detector on one thread: sums may reorder)."""
+    if isinstance(alone, float):
+        assert served == pytest.approx(alone, abs=1e-5), path
+    elif isinstance(alone, dict):
+        assert served.keys() == alone.keys(), path
+        for key in alone:
+            _same(served[key], alone[key], f"{path}.{key}")
+    elif isinstance(alone, list):
+        assert len(served) == len(alone), path
+        for index, (left, right) in enumerate(zip(served, alone, strict=True)):
+            _same(left, right, f"{path}[{index}]")
+    else:
+        assert served == alone, path
+
+
+def test_concurrent_score_match_and_rank_share_batches_and_answer_as_they_do_alone(http, server, bus_path, zidane):
+    bus, people = b64(bus_path.read_bytes()), b64(jpeg(zidane))
+    requests = [
+        (
+            "/score",
+            {"items": [{"image": bus, "prompt": "four people and a bus"}, {"image": people, "prompt": "a tie"}]},
+        ),
+        ("/match", {"items": [{"image": people, "prompt": "two people", "variant": "numeracy"}]}),
+        ("/rank", {"groups": [{"prompt": "four people", "candidates": [{"image": people}, {"image": bus}]}]}),
+        ("/score", {"items": [{"image": "%%", "prompt": "a bus"}, {"image": bus, "prompt": "a bus"}]}),
+    ]
+    alone = [http.post(path, json=body).json() for path, body in requests]
+
+    def send(index: int) -> tuple[int, httpx.Response]:
+        with httpx.Client(base_url=server, headers=AUTH, timeout=120) as client:
+            path, body = requests[index % len(requests)]
+            return index % len(requests), client.post(path, json=body)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(send, range(32)))
+    for kind, response in answers:
+        assert response.status_code == 200, response.text
+        _same(response.json(), alone[kind])
+    waits = [line for line in http.get("/metrics").text.splitlines() if line.startswith("rewardscope_queue_wait")]
+    assert any(
+        line.startswith("rewardscope_queue_wait_seconds_count") and float(line.split()[-1]) > 0 for line in waits
+    )
+
+
 def test_metrics_expose_the_custom_series(http):
     text = http.get("/metrics").text
     for name in (
