@@ -1,7 +1,7 @@
 """Benchmark: the service (`rewardscope serve`: decode threads, work-conserving batching on two model lanes, 503
 shedding) against a reward-server-style baseline (loadtests/baseline_server.py: Flask behind one gunicorn sync
-worker, one request at a time), both with the same Scorer and embedded detector, under the same closed-loop load at concurrency 1, 8, 32 and 64, side
-by side in one run: per concurrency, windows in the order A B B A, so drifting background load hits both alike.
+worker, one request at a time), both with the same Scorer and embedded detector, under the same closed-loop load
+at concurrency 1, 8, 32 and 64, side by side in one run: per concurrency, windows in the order A B B A, so drifting background load hits both alike.
 Each client thread has its own httpx client and sends the next request as soon as its last one is answered (after
 a 503, once Retry-After has passed); every request carries 4 JPEG-encoded 512x512 photos (bus, zidane, skimage
 astronaut/chelsea/coffee/rocket/motorcycle) with prompts, base64 in JSON, the same bodies for both sides.
@@ -203,6 +203,23 @@ def mean_batch(url: str) -> float:
     return value("sum") / value("count")
 
 
+def gc_pauses(url: str) -> str:
+    """The service's garbage-collector pauses so far, per generation: count and total seconds."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    parts = []
+    for generation in ("0", "1", "2"):
+        found = {
+            kind: re.search(
+                rf'^rewardscope_gc_pause_seconds_{kind}\{{generation="{generation}"\}}\s+([0-9.e+]+)$', text, re.M
+            )
+            for kind in ("count", "sum")
+        }
+        if found["count"]:
+            count, total = (float(found[kind].group(1)) for kind in ("count", "sum"))
+            parts.append(f"gen{generation}: {count:.0f} collections, {total * 1e3:.0f} ms")
+    return "; ".join(parts) or "not exported"
+
+
 def detector_curve(sizes: list[int], repeats: int) -> dict[int, tuple[float, float]]:
     """Detector alone at each batch size: (letterbox ms/image, forward ms/image), median of `repeats`."""
     from common import timed
@@ -281,6 +298,7 @@ def main() -> None:
                 point = Point.pooled(side, concurrency, args.per_request, windows[side])
                 points.append(point)
                 print(point_row(point) + f"  {load()}", flush=True)
+        print(f"service garbage-collector pauses: {gc_pauses(service_url)}")
     print(
         f"\n{'concurrency':>11} {'images/s ratio':>15} {'p99 ratio':>10} {'p99 e2e ratio':>14}   (service / baseline)"
     )

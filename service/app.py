@@ -76,10 +76,12 @@ class RewardService:
         metrics.GOLDEN_OK.set(1 if self.golden is None or self.golden.ok else 0)
         _INFO.engine = self.engine
         _INFO.service = self
-        # Everything loaded so far (models, libraries: ~400k tracked objects) lives as long as the process. Out
-        # of the collector's sight, full collections stop rescanning it: each took ~200 ms with the GIL held,
-        # every ~25 requests, stalling every request in flight (benchmarks/RESULTS.md).
-        gc.freeze()
+        metrics.watch_gc()
+        if SETTINGS.gc_freeze:
+            # Everything loaded so far (models, libraries: ~400k tracked objects) lives as long as the process.
+            # Frozen out of the collector's sight, full collections (the GIL held throughout: every request in
+            # flight waits) stop rescanning it (benchmarks/RESULTS.md).
+            gc.freeze()
 
     async def scored(
         self, items: Sequence[ScoreItem], endpoint: str, variants: Sequence[str | None] | None = None

@@ -5,7 +5,7 @@ Batches still form under load, so a GPU gets them; `max_batch_size` caps them in
 
 Ahead of the model thread, each request is decoded (`prepare`, on other threads) while earlier batches run, up
 to `max_ahead_items` items decoded and waiting, so decoded pixels held in memory stay bounded; requests beyond
-that wait, first come first served, before decoding.
+that wait, first come first served, before decoding, and a larger request is decoded and scored in slices.
 
 Lanes: with `lanes` > 1, up to that many batches run at once on their own model threads. A batch that starts
 while another runs, or with more queued behind it, runs inside `narrow()` (for the detector: one onnxruntime
@@ -49,7 +49,7 @@ class _Job(Generic[T, R]):
 
 class ItemBudget:
     """At most `limit` items held at once, granted first come first served; a request larger than the limit is
-    granted when nothing else is held."""
+    granted when nothing else is held (the Batcher slices such requests first)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = max(1, limit)
@@ -158,6 +158,11 @@ class Batcher(Generic[S, T, R]):
                 f"overloaded: {self.items_ahead()} items ahead and {len(raw)} more would take about"
                 f" {self.expected_wait_s(len(raw)):.1f}s, over the {self.max_latency_s:g}s latency budget; retry later"
             )
+        if len(raw) > self.ahead.limit:  # a whole rollout: decoded and scored in slices, so memory stays bounded
+            answers: list[R] = []
+            for start in range(0, len(raw), self.ahead.limit):
+                answers.extend(await self.submit(raw[start : start + self.ahead.limit], prepare))
+            return answers
         await self.ahead.acquire(len(raw))
         try:
             items = await asyncio.get_running_loop().run_in_executor(None, prepare, raw)

@@ -3,6 +3,10 @@ Latency per reward, items, errors by code, reward values, batch sizes and model 
 
 from __future__ import annotations
 
+import collections
+import gc
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -36,6 +40,13 @@ QUEUE_WAIT = Histogram(
     registry=REGISTRY,
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+GC_PAUSE = Histogram(
+    "rewardscope_gc_pause_seconds",
+    "Python garbage-collector pauses (the GIL is held: every request in flight waits), by generation",
+    ["generation"],
+    registry=REGISTRY,
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
 MODEL_LOAD = Gauge(
     "rewardscope_model_load_seconds", "Seconds to load a Scorer's models", ["rewards"], registry=REGISTRY
 )
@@ -48,7 +59,34 @@ def observe_reward(name: str, seconds: float, items: int) -> None:
 
 def observe_batch(items: int, waited_s: float, seconds: float) -> None:
     QUEUE_WAIT.observe(waited_s)
+    flush_gc()
+
+
+_gc_started: list[float] = []
+_gc_pauses: collections.deque[tuple[str, float]] = collections.deque(maxlen=10_000)
+
+
+def _time_gc(phase: str, info: dict) -> None:
+    # Runs inside whatever allocation triggered the collection, possibly while a metric's lock is held: only
+    # lock-free appends here; flush_gc() moves the pauses into the histogram from ordinary code.
+    if phase == "start":
+        _gc_started.append(time.perf_counter())
+    elif _gc_started:
+        _gc_pauses.append((str(info["generation"]), time.perf_counter() - _gc_started.pop()))
+
+
+def watch_gc() -> None:
+    """Time every garbage collection into rewardscope_gc_pause_seconds (idempotent)."""
+    if _time_gc not in gc.callbacks:
+        gc.callbacks.append(_time_gc)
+
+
+def flush_gc() -> None:
+    while _gc_pauses:
+        generation, seconds = _gc_pauses.popleft()
+        GC_PAUSE.labels(generation=generation).observe(seconds)
 
 
 def render() -> str:
+    flush_gc()
     return generate_latest(REGISTRY).decode("utf-8")

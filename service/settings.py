@@ -46,11 +46,12 @@ class ServiceSettings(BaseModel):
     model_lanes: int = 2
     # Threads decoding requests' images (base64, PIL, letterbox) beside the model thread; 0: min(4, CPU count).
     decode_threads: int = 0
-    # Worker processes, each with its own models. On 2 cores, 2 workers with one onnxruntime thread each
-    # (REWARDSCOPE_CONFIG '{"matching": {"intra_op_threads": 1}}') gave 1.10-1.13x the throughput at 8+ requests in
-    # flight but half the speed of a lone request (benchmarks/RESULTS.md). Each worker exports its own /metrics.
+    # Worker processes, each with its own models and its own /metrics. On 2 cores one worker with two model lanes
+    # is as fast under load as 2 workers were, and a lone request still gets both cores (benchmarks/RESULTS.md).
     workers: int = 1
     timeout_s: int = 300
+    # gc.freeze() after start-up: the models and libraries loaded then are never rescanned by full collections.
+    gc_freeze: bool = True
     token: str | None = Field(default=None, description="bearer token; required for non-loopback listening")
     golden: Path | None = Field(default=None, description="golden expectations file; None: the bundled one")
     golden_check: bool = True

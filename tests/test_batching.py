@@ -241,3 +241,19 @@ def test_with_two_lanes_a_lone_batch_keeps_every_core_and_overlapping_batches_ru
     assert [batch[0] for batch in model.batches] == ["alone!", "beside!", "queued!", "later!"]
     assert narrow_flags == {"alone!": False, "beside!": True, "queued!": True, "later!": False}
     batcher.shutdown()
+
+
+def test_a_request_larger_than_the_decode_ahead_budget_is_decoded_and_scored_in_slices():
+    slices: list[int] = []
+
+    def prepare(raw: Sequence[str]) -> list[str]:
+        slices.append(len(raw))
+        return prepared(raw)
+
+    batcher = Batcher(
+        lambda items: [item.upper() for item in items], max_batch_size=64, max_latency_s=60, max_ahead_items=4
+    )
+    raw = [f"i{k}" for k in range(10)]
+    assert asyncio.run(batcher.submit(raw, prepare)) == [f"I{k}!" for k in range(10)]
+    assert slices == [4, 4, 2]
+    batcher.shutdown()
