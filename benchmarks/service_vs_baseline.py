@@ -1,7 +1,8 @@
 """Benchmark: the service (`rewardscope serve`: decode threads, work-conserving batching on two model lanes, 503
 shedding) against a reward-server-style baseline (loadtests/baseline_server.py: Flask behind one gunicorn sync
 worker, one request at a time), both with the same Scorer and embedded detector, under the same closed-loop load
-at concurrency 1, 8, 32 and 64, side by side in one run: per concurrency, windows in the order A B B A, so drifting background load hits both alike.
+at concurrency 1, 8, 32 and 64, side by side in one run: per concurrency, windows in the order A B B A, so
+drifting background load hits both alike.
 Each client thread has its own httpx client and sends the next request as soon as its last one is answered (after
 a 503, once Retry-After has passed); every request carries 4 JPEG-encoded 512x512 photos (bus, zidane, skimage
 astronaut/chelsea/coffee/rocket/motorcycle) with prompts, base64 in JSON, the same bodies for both sides.
