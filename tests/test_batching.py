@@ -45,6 +45,13 @@ async def until(condition, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.005)
 
 
+async def occupy(batcher: Batcher, model: Model) -> asyncio.Task:
+    """Submit a one-item request and wait until the model runs it, so that the requests after it queue."""
+    first = asyncio.create_task(batcher.submit(["a"], prepared))
+    await until(lambda: len(model.batches) == 1)
+    return first
+
+
 async def queue_in_order(batcher: Batcher, requests: Sequence[Sequence[str]]) -> list[asyncio.Task]:
     """Submit each request once the one before it is queued (decoding runs on threads: this fixes the order)."""
     tasks = []
@@ -79,8 +86,7 @@ def test_batches_are_capped_in_items_and_an_oversized_request_runs_alone():
     batcher = Batcher(model, max_batch_size=4, max_latency_s=60)
 
     async def scenario():
-        first = asyncio.create_task(batcher.submit(["a"], prepared))
-        await until(lambda: len(model.batches) == 1)
+        first = await occupy(batcher, model)
         sizes = [2, 2, 1, 6, 1]
         tasks = await queue_in_order(batcher, [[f"r{n}i{k}" for k in range(size)] for n, size in enumerate(sizes)])
         for event in model.release:
@@ -98,8 +104,7 @@ def test_a_failing_batch_is_retried_request_by_request_so_only_the_bad_request_f
     batcher = Batcher(model, max_batch_size=8, max_latency_s=60)
 
     async def scenario():
-        first = asyncio.create_task(batcher.submit(["a"], prepared))
-        await until(lambda: len(model.batches) == 1)
+        first = await occupy(batcher, model)
         tasks = await queue_in_order(batcher, [["x", "y"], ["bad"], ["z"]])
         for event in model.release:
             event.set()
@@ -142,8 +147,7 @@ def test_a_request_whose_caller_went_away_never_reaches_the_model():
     batcher = Batcher(model, max_batch_size=8, max_latency_s=60)
 
     async def scenario():
-        first = asyncio.create_task(batcher.submit(["a"], prepared))
-        await until(lambda: len(model.batches) == 1)
+        first = await occupy(batcher, model)
         gone, kept = await queue_in_order(batcher, [["gone"], ["kept"]])
         gone.cancel()
         for event in model.release:
