@@ -76,9 +76,13 @@ class RewardEngine:
         default = self.scorer(self.default_weights, settings.profile)  # load the models now, not on the first request
         threads = settings.decode_threads or min(4, os.cpu_count() or 1)
         self._decoders = ThreadPoolExecutor(threads, thread_name_prefix="rewardscope-decode")
-        # Detectors that letterbox ahead (OnnxDetector.prepare): the resize then runs on the decode threads too.
-        detectors = {id(d): d for d in (getattr(r, "detector", None) for r in default.rewards.values()) if d}
-        self._prepare_hooks = [d.prepare for d in detectors.values() if hasattr(d, "prepare")]
+        # Per reward, its detector's letterbox-ahead (OnnxDetector.prepare): the resize then runs on the decode
+        # threads too, for the items that request that reward.
+        self._prepare_hooks = {
+            name: reward.detector.prepare
+            for name, reward in default.rewards.items()
+            if hasattr(getattr(reward, "detector", None), "prepare")
+        }
 
     # -- Scorers -----------------------------------------------------------------------------------------
     def _weights(self, rewards: RewardSpec | None) -> dict[str, float]:
@@ -127,12 +131,12 @@ class RewardEngine:
     def warm_single_threaded(self) -> None:
         """Score one small image inside models.single_threaded(), so the one-thread sessions that overlapping
         batches use exist before the first request needs one (making one takes a noticeable fraction of a second).
-        Not counted in the metrics."""
+        No item is counted in the metrics."""
         with single_threaded():
             self.scorer(self.default_weights, self.settings.profile).score([Image.new("RGB", (64, 64))], ["a cat"])
 
     # -- Items -------------------------------------------------------------------------------------------
-    def _image(self, item: ImageInput) -> Any:
+    def _image(self, item: ImageInput, rewards: Sequence[str]) -> Any:
         """Transport decoding (base64, .npy), then the one image decoder (service.images.load_image) ahead of the
         model thread. Bytes that fail to decode are handed on unchanged, so the Scorer reports them per item exactly
         as it reports any image it cannot read."""
@@ -144,7 +148,8 @@ class RewardEngine:
             image = load_image(source, self.limits)
         except ImageError:
             return source
-        for prepare in self._prepare_hooks:
+        hooks = {id(hook.__self__): hook for name in rewards if (hook := self._prepare_hooks.get(name)) is not None}
+        for prepare in hooks.values():  # once per detector, shared or not
             prepare(image)
         return image
 
@@ -155,7 +160,7 @@ class RewardEngine:
             profile = self._profile(item.profile)
             if variant is None:
                 weights = self._weights(item.rewards)
-            image = self._image(item)
+            image = self._image(item, list(weights))
         except (RequestItemError, ImageError) as exc:
             failed = ScoreResult(rewards={name: None for name in weights})
             failed.add_error(str(exc), exc.code)
