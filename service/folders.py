@@ -263,7 +263,7 @@ def score_items(
     lanes = max(1, lanes)
     started = time.perf_counter()
     # The models and libraries loaded so far live for the whole run: frozen out of the garbage collector, full
-    # collections stop rescanning them (~200 ms each with the GIL held, every few dozen batches).
+    # collections (the GIL held throughout) stop rescanning them, as in the service (benchmarks/RESULTS.md).
     gc.freeze()
 
     def write(batch: list[FolderItem], results: list[dict[str, Any]]) -> None:
