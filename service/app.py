@@ -84,12 +84,17 @@ class RewardService:
             gc.freeze()
 
     async def scored(
-        self, items: Sequence[ScoreItem], endpoint: str, variants: Sequence[str | None] | None = None
+        self,
+        items: Sequence[ScoreItem],
+        endpoint: str,
+        variants: Sequence[str | None] | None = None,
+        wait: bool = False,
     ) -> list[Outcome]:
-        """Decode on worker threads, then score in the shared model thread's next batch."""
+        """Decode on worker threads, then score in the shared model thread's next batch. Past the latency budget:
+        503, unless `wait` (background jobs queue instead)."""
         prepare = functools.partial(self.engine.prepare, variants=variants, endpoint=endpoint)
         try:
-            return await self.batcher.submit(items, prepare)
+            return await self.batcher.submit(items, prepare, wait)
         except Overloaded as exc:
             raise ServiceUnavailable(str(exc)) from None
 
@@ -128,7 +133,7 @@ class RewardService:
         self, items: Annotated[list[ScoreItem], Field(max_length=SETTINGS.max_items * 16)]
     ) -> list[ItemResult]:
         """Asynchronous /score for large submissions: submit, poll status, fetch the result later."""
-        return self.engine.score_answers(await self.scored(items, "score"))
+        return self.engine.score_answers(await self.scored(items, "score", wait=True))
 
     def __is_ready__(self) -> bool:
         return self.golden is None or self.golden.ok

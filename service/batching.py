@@ -149,11 +149,14 @@ class Batcher(Generic[S, T, R]):
             f" over the {self.max_latency_s:g}s latency budget; retry later"
         )
 
-    async def submit(self, raw: Sequence[S], prepare: Callable[[Sequence[S]], Sequence[T]]) -> list[R]:
-        """Decode `raw` with `prepare` (on a worker thread, once the decode-ahead budget has room), then batch it."""
+    async def submit(
+        self, raw: Sequence[S], prepare: Callable[[Sequence[S]], Sequence[T]], wait: bool = False
+    ) -> list[R]:
+        """Decode `raw` with `prepare` (on a worker thread, once the decode-ahead budget has room), then batch it.
+        wait: queue however long the wait (background jobs) instead of raising Overloaded past the budget."""
         if not raw:
             return []
-        if self.expected_wait_s(len(raw)) > self.max_latency_s:
+        if not wait and self.expected_wait_s(len(raw)) > self.max_latency_s:
             raise Overloaded(
                 f"overloaded: {self.items_ahead()} items ahead and {len(raw)} more would take about"
                 f" {self.expected_wait_s(len(raw)):.1f}s, over the {self.max_latency_s:g}s latency budget; retry later"
@@ -161,7 +164,7 @@ class Batcher(Generic[S, T, R]):
         if len(raw) > self.ahead.limit:  # a whole rollout: decoded and scored in slices, so memory stays bounded
             answers: list[R] = []
             for start in range(0, len(raw), self.ahead.limit):
-                answers.extend(await self.submit(raw[start : start + self.ahead.limit], prepare))
+                answers.extend(await self.submit(raw[start : start + self.ahead.limit], prepare, wait))
             return answers
         await self.ahead.acquire(len(raw))
         try:

@@ -261,3 +261,22 @@ def test_a_request_larger_than_the_decode_ahead_budget_is_decoded_and_scored_in_
     assert asyncio.run(batcher.submit(raw, prepare)) == [f"I{k}!" for k in range(10)]
     assert slices == [4, 4, 2]
     batcher.shutdown()
+
+
+def test_a_background_job_waits_past_the_latency_budget_instead_of_being_refused():
+    model = Model()
+    batcher = Batcher(model, max_batch_size=8, max_latency_s=1.0)
+    batcher.item_seconds = 0.5  # as if measured: 2 items fill the budget
+
+    async def scenario():
+        first = await occupy(batcher, model)
+        with pytest.raises(Overloaded):
+            await batcher.submit(["x", "y"], prepared)
+        job = asyncio.create_task(batcher.submit(["x", "y"], prepared, wait=True))
+        await until(lambda: batcher.queued_items == 2)
+        for event in model.release:
+            event.set()
+        return await first, await job
+
+    assert asyncio.run(scenario()) == (["A!"], ["X!", "Y!"])
+    batcher.shutdown()
