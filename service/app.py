@@ -13,7 +13,7 @@ from typing import Annotated
 
 import bentoml
 from bentoml.exceptions import ServiceUnavailable
-from pydantic import Field
+from pydantic import Field, ValidationError
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
@@ -213,6 +213,18 @@ RewardService.mount_asgi_app(
 )
 
 
+def _validate_job(body: bytes) -> str | None:
+    """/jobs/score/submit: BentoML accepts any body there and validates it only when the job runs, so a bad
+    submission surfaced as a failed job at /get. Checked against the job's own input schema up front instead."""
+    try:
+        RewardService.apis["score_job"].input_spec.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        return f"invalid job ({exc.error_count()} error(s)); first at {where}: {first['msg']}"
+    return None
+
+
 def _overloaded() -> str | None:
     return _INFO.service.batcher.over_budget() if _INFO.service is not None else None
 
@@ -221,6 +233,7 @@ RewardService.add_asgi_middleware(
     GuardMiddleware,
     overloaded=_overloaded,
     shed_paths=frozenset({"/score", "/match", "/rank", "/score/upload"}),
+    validators={"/jobs/score/submit": _validate_job},
     token=SETTINGS.token,
     max_request_bytes=SETTINGS.max_request_bytes,
     retry_after_s=SETTINGS.retry_after_s,

@@ -2,13 +2,14 @@
 load shedding:
 beyond max_inflight requests in flight, or while the model queue already holds more work than the latency budget
 (`overloaded`, asked for the shed paths only), the service answers 503 with Retry-After at once, before reading
-the body, instead of queueing without bound, so clients back off."""
+the body, instead of queueing without bound, so clients back off. Bodies of routes given a validator are checked
+before the app sees them (400 with the reason)."""
 
 from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 Scope = MutableMapping[str, Any]
@@ -50,11 +51,15 @@ class GuardMiddleware:
         max_inflight: int | None = None,
         overloaded: Callable[[], str | None] | None = None,
         shed_paths: frozenset[str] = frozenset(),
+        validators: Mapping[str, Callable[[bytes], str | None]] | None = None,
     ):
         self.app = app
         self.max_inflight = max_inflight
         self.overloaded = overloaded  # None when there is room, else why not
         self.shed_paths = shed_paths
+        # path -> check of a POST body before the app sees it (None: fine, else the 400's message): for routes
+        # whose app would otherwise accept any body and fail later, such as a job submission.
+        self.validators = dict(validators or {})
         self.inflight = 0  # one event loop per worker: a plain int is safe
         self.token = token.encode() if token else None
         self.max_request_bytes = max_request_bytes
@@ -131,7 +136,33 @@ class GuardMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, counted_receive, send_with_retry_after)
+            validate = self.validators.get(scope.get("path", "")) if scope.get("method") == "POST" else None
+            if validate is None:
+                await self.app(scope, counted_receive, send_with_retry_after)
+                return
+            # Read the whole body (size-limited as above), check it, then hand the same bytes on.
+            chunks, more = [], True
+            while more:
+                message = await counted_receive()
+                if message["type"] != "http.request":
+                    return  # the client went away
+                chunks.append(message.get("body", b""))
+                more = message.get("more_body", False)
+            body = b"".join(chunks)
+            problem = validate(body)
+            if problem is not None:
+                await _send_json(send, 400, {"error": problem})
+                return
+            replayed = False
+
+            async def replay() -> Message:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            await self.app(scope, replay, send_with_retry_after)
         except _BodyTooLarge:
             if not started:
                 await _send_json(send, 413, {"error": f"request body exceeds {self.max_request_bytes} bytes"})

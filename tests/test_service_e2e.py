@@ -245,6 +245,22 @@ def test_an_async_job_completes_with_the_same_scores_as_score(http, bus_path):
     assert [r["rewards"] for r in from_job] == [r["rewards"] for r in direct]
 
 
+@pytest.mark.parametrize(
+    ("body", "where"),
+    [
+        ({"items": [{"image": "aGk=", "prompt": 3}]}, "items.0.prompt"),
+        ({"items": "not a list"}, "items"),
+        ({"jobs": []}, "items"),
+        ("{not json", "body"),
+    ],
+)
+def test_a_bad_job_is_refused_at_submission_not_when_it_runs(http, body, where):
+    content = body if isinstance(body, str) else json.dumps(body)
+    response = http.post("/jobs/score/submit", content=content, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert "invalid job" in response.json()["error"] and where in response.json()["error"]
+
+
 def test_a_corrupted_golden_expectation_keeps_the_service_not_ready(tmp_path):
     golden = json.loads((ROOT / "service" / "golden" / "expectations.json").read_text())
     golden["cases"][0]["score"] = 0.1  # as if the detector's confidences had collapsed
