@@ -98,7 +98,8 @@ class ItemBudget:
 class Batcher(Generic[S, T, R]):
     """`await batcher.submit(raw, prepare)` -> `run(prepare(raw))`'s answers for those items, computed in one
     batch with the requests queued beside them. `run` takes a flat list and returns one answer per item, in order;
-    it runs on the batcher's single model thread, never two at once. It binds to the first event loop using it."""
+    it runs on the batcher's model threads, at most `lanes` batches at once. It binds to the first event loop
+    using it."""
 
     def __init__(
         self,
@@ -126,8 +127,7 @@ class Batcher(Generic[S, T, R]):
         self._executor = ThreadPoolExecutor(lanes, thread_name_prefix=f"rewardscope-{name}")
         self._wake: asyncio.Event | None = None
         self._consumer: asyncio.Task[None] | None = None
-        self.queued_items = 0  # decoded, waiting for the model thread
-        self.running_items = 0
+        self.queued_items = 0  # decoded, waiting for a model thread
         self.item_seconds: float | None = None  # moving average of model-thread seconds per item
 
     def items_ahead(self) -> int:
@@ -138,14 +138,15 @@ class Batcher(Generic[S, T, R]):
         """Seconds until `extra_items` more items would be answered, at the measured rate (0 before any batch)."""
         return (self.items_ahead() + extra_items) * (self.item_seconds or 0.0)
 
-    def over_budget(self) -> str | None:
-        """Why a new request would be refused before anything is known of it (the work already accepted exceeds
-        the latency budget), or None. Cheap: the HTTP guard asks it before reading a request's body."""
-        expected = self.expected_wait_s()
+    def over_budget(self, extra_items: int = 0) -> str | None:
+        """Why `extra_items` more would be refused (the work accepted and theirs exceed the latency budget), or
+        None. Cheap: the HTTP guard asks it, with 0, before reading a request's body."""
+        expected = self.expected_wait_s(extra_items)
         if expected <= self.max_latency_s:
             return None
+        more = f" and {extra_items} more" if extra_items else ""
         return (
-            f"overloaded: {self.items_ahead()} items ahead would take about {expected:.1f}s,"
+            f"overloaded: {self.items_ahead()} items ahead{more} would take about {expected:.1f}s,"
             f" over the {self.max_latency_s:g}s latency budget; retry later"
         )
 
@@ -156,11 +157,9 @@ class Batcher(Generic[S, T, R]):
         wait: queue however long the wait (background jobs) instead of raising Overloaded past the budget."""
         if not raw:
             return []
-        if not wait and self.expected_wait_s(len(raw)) > self.max_latency_s:
-            raise Overloaded(
-                f"overloaded: {self.items_ahead()} items ahead and {len(raw)} more would take about"
-                f" {self.expected_wait_s(len(raw)):.1f}s, over the {self.max_latency_s:g}s latency budget; retry later"
-            )
+        refusal = None if wait else self.over_budget(len(raw))
+        if refusal is not None:
+            raise Overloaded(refusal)
         if len(raw) > self.ahead.limit:  # a whole rollout: decoded and scored in slices, so memory stays bounded
             answers: list[R] = []
             for start in range(0, len(raw), self.ahead.limit):
@@ -224,12 +223,10 @@ class Batcher(Generic[S, T, R]):
     async def _dispatch(self, jobs: list[_Job[T, R]], narrow: bool) -> None:
         assert self._wake is not None
         size = sum(len(job.items) for job in jobs)
-        self.running_items += size
         started = time.monotonic()
         try:
             answers = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_jobs, jobs, narrow)
         finally:
-            self.running_items -= size
             self.busy -= 1
             self._wake.set()
         seconds = time.monotonic() - started
