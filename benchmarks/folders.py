@@ -1,7 +1,8 @@
 """Benchmark: the folder pipeline (prefetching decode on worker threads, batches scored on two lanes, fsync'd
-JSONL) against the detector alone on pre-decoded inputs (the limit: the better of one session on all cores and
-two one-thread lanes side by side) and a naive open-and-score-one-at-a-time loop,
-on one folder of 512 JPEGs, side by side in one run.
+JSONL) against the detector alone on pre-decoded images (the limit: letterbox, forward and output decode, in the
+better of one session on all cores and two one-thread lanes side by side), the forward pass alone on letterboxed
+batches (a stricter reference) and a naive open-and-score-one-at-a-time loop, on one folder of 512 JPEGs, side by
+side in one run.
 
 Run: .venv/bin/python benchmarks/folders.py [--images 512]"""
 
@@ -13,8 +14,10 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -36,6 +39,25 @@ def make_folder(root: Path, count: int) -> None:
         photos[index % len(photos)].save(root / f"two_people_{index:05d}.jpg", quality=90)
 
 
+def timed(run: Callable[[Any], Any], batches: list, count: int, lanes: bool) -> tuple[float, float]:
+    """images/s and process CPU ms per image of run() over every batch: on this thread with all cores, or split
+    between two threads with one onnxruntime thread each (as the pipeline's two lanes run it)."""
+
+    def lane(share: list) -> None:
+        with single_threaded():
+            for batch in share:
+                run(batch)
+
+    started, cpu = time.perf_counter(), time.process_time()
+    if lanes:
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lane, [batches[0::2], batches[1::2]]))
+    else:
+        for batch in batches:
+            run(batch)
+    return count / (time.perf_counter() - started), (time.process_time() - cpu) * 1e3 / count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=512)
@@ -53,62 +75,55 @@ def main() -> None:
         detector = scorer.rewards["matching"].detector
         scorer.score([items[0].path], [items[0].prompt])  # warm-up
 
-        # The limit: the detector's forward pass over inputs already decoded and letterboxed.
+        # The limit, as the issue names it: the detector alone on pre-decoded images (decoded once, before the
+        # clock), doing what it does with any image: letterbox, forward pass, decode of the raw output. Measured in
+        # its better configuration: one session on all cores, or two one-thread lanes side by side as the pipeline
+        # runs it. A stricter reference: the forward pass alone on batches already letterboxed.
         decoded = [Image.open(item.path).convert("RGB") for item in items]
         height, width = detector.input_size
-        batches = [
-            letterbox_batch(decoded[i : i + args.batch_size], height, width)[0]
-            for i in range(0, len(decoded), args.batch_size)
-        ]
-        started, cpu = time.perf_counter(), time.process_time()
-        for batch in batches:
-            detector.forward(batch)
-        wide_rate = len(items) / (time.perf_counter() - started)
-        wide_cpu_ms = (time.process_time() - cpu) * 1e3 / len(items)
-
-        # The same forward passes as the pipeline's two lanes run them: two threads, one onnxruntime thread each.
-        def lane(share: list) -> None:
-            with single_threaded():
-                for batch in share:
-                    detector.forward(batch)
-
+        image_batches = [decoded[i : i + args.batch_size] for i in range(0, len(decoded), args.batch_size)]
+        tensor_batches = [letterbox_batch(batch, height, width)[0] for batch in image_batches]
         with single_threaded():
-            detector.forward(batches[0])  # make the one-thread session before timing
-        started, cpu = time.perf_counter(), time.process_time()
-        with ThreadPoolExecutor(2) as lanes:
-            list(lanes.map(lane, [batches[0::2], batches[1::2]]))
-        lanes_rate = len(items) / (time.perf_counter() - started)
-        cpu_ms = {"detector forward alone, 2 lanes x 1 thread": (time.process_time() - cpu) * 1e3 / len(items)}
-        detector_rate = max(wide_rate, lanes_rate)  # the limit: the detector's better configuration
-        del decoded, batches
+            detector.forward(tensor_batches[0])  # make the one-thread session before timing
+        rates: dict[str, float] = {}
+        cpu_ms: dict[str, float] = {}
+        best: dict[str, float] = {}
+        for label, run, batches in [
+            ("detector alone on decoded images", detector, image_batches),
+            ("forward pass alone on letterboxed batches", detector.forward, tensor_batches),
+        ]:
+            for config in ("all cores", "2 lanes x 1 thread"):
+                name = f"{label}, {config}"
+                rates[name], cpu_ms[name] = timed(run, batches, len(items), lanes=config != "all cores")
+                best[label] = max(best.get(label, 0.0), rates[name])
+        detector_rate, forward_rate = best.values()
+        del decoded, image_batches, tensor_batches
 
         started, cpu = time.perf_counter(), time.process_time()
         backend = folders.ScorerBackend(scorer)
         stats = folders.score_items(items, backend, Path(scratch) / "out", args.batch_size, lanes=args.lanes)
-        pipeline_rate = stats.scored / (time.perf_counter() - started)
-        cpu_ms["folder pipeline (decode+score+write)"] = (time.process_time() - cpu) * 1e3 / stats.scored
-        cpu_ms["detector forward alone, all cores (pre-decoded)"] = wide_cpu_ms
+        pipeline = "folder pipeline (decode+score+write)"
+        rates[pipeline] = stats.scored / (time.perf_counter() - started)
+        cpu_ms[pipeline] = (time.process_time() - cpu) * 1e3 / stats.scored
 
         started = time.perf_counter()
         for item in items[: len(items) // 4]:
             scorer.score([Image.open(item.path)], [item.prompt])
-        naive_rate = (len(items) // 4) / (time.perf_counter() - started)
+        naive_seconds = time.perf_counter() - started
+        rates["naive loop (open, score one at a time; 1/4 of files)"] = (len(items) // 4) / naive_seconds
 
     spinning = "on" if args.spinning else "off"
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores; {args.images} JPEGs, batch {args.batch_size}, "
         f"onnxruntime spinning {spinning}, pipeline lanes {args.lanes}"
     )
-    print(f"{'path':<52} {'images/s':>9} {'vs detector':>12} {'CPU ms/image':>13}")
-    for name, rate in [
-        ("detector forward alone, all cores (pre-decoded)", wide_rate),
-        ("detector forward alone, 2 lanes x 1 thread", lanes_rate),
-        ("folder pipeline (decode+score+write)", pipeline_rate),
-        ("naive loop (open, score one at a time; 1/4 of files)", naive_rate),
-    ]:
+    print(f"{'path':<62} {'images/s':>9} {'vs limit':>9} {'vs forward':>11} {'CPU ms/image':>13}")
+    for name, rate in rates.items():
         cpu_text = f"{cpu_ms[name]:>13.1f}" if name in cpu_ms else ""
-        print(f"{name:<52} {rate:>9.1f} {rate / detector_rate:>12.2f} {cpu_text}")
-    print(f"pipeline / detector alone (the better of the two): {pipeline_rate / detector_rate:.2f} (goal >= 0.9)")
+        print(f"{name:<62} {rate:>9.1f} {rate / detector_rate:>9.2f} {rate / forward_rate:>11.2f} {cpu_text}")
+    ratio, strict = rates[pipeline] / detector_rate, rates[pipeline] / forward_rate
+    print(f"pipeline / detector alone on decoded images (the limit): {ratio:.2f} (goal >= 0.9)")
+    print(f"pipeline / forward pass alone on letterboxed batches (stricter reference): {strict:.2f}")
 
 
 if __name__ == "__main__":

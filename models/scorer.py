@@ -51,6 +51,16 @@ class Scorer:
     def versions(self) -> dict[str, str]:
         return {name: reward.version for name, reward in self.rewards.items()}
 
+    def letterbox_hooks(self) -> dict[str, Callable[[Any], None]]:
+        """reward name -> its detector's prepare (the letterbox resize, run ahead on a pipeline's decode workers),
+        for the detectors that gain from it (OnnxDetector.resizes_ahead). Rewards may share a detector."""
+        hooks = {}
+        for name, reward in self.rewards.items():
+            detector = getattr(reward, "detector", None)
+            if getattr(detector, "resizes_ahead", False):
+                hooks[name] = detector.prepare
+        return hooks
+
     def _decode(self, image: Any, prompt: Any, metadata: Any) -> Sample:
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")

@@ -76,13 +76,9 @@ class RewardEngine:
         default = self.scorer(self.default_weights, settings.profile)  # load the models now, not on the first request
         threads = settings.decode_threads or min(4, os.cpu_count() or 1)
         self._decoders = ThreadPoolExecutor(threads, thread_name_prefix="rewardscope-decode")
-        # Per reward, its detector's letterbox-ahead (OnnxDetector.prepare): the resize then runs on the decode
-        # threads too, for the items that request that reward.
-        self._prepare_hooks = {
-            name: reward.detector.prepare
-            for name, reward in default.rewards.items()
-            if hasattr(getattr(reward, "detector", None), "prepare")
-        }
+        # Per reward, its detector's letterbox-ahead (Scorer.letterbox_hooks: accelerator detectors only): the
+        # resize then runs on the decode threads too, for the items that request that reward.
+        self._prepare_hooks = default.letterbox_hooks()
 
     # -- Scorers -----------------------------------------------------------------------------------------
     def _weights(self, rewards: RewardSpec | None) -> dict[str, float]:

@@ -144,9 +144,8 @@ def decode_or_path(item: FolderItem) -> Any:
 class ScorerBackend:
     def __init__(self, scorer: Any) -> None:
         self.scorer = scorer
-        # Detectors that can letterbox ahead (OnnxDetector.prepare): the resize then runs on the decode workers.
-        detectors = {id(d): d for d in (getattr(r, "detector", None) for r in scorer.rewards.values()) if d}
-        self.prepare = [d.prepare for d in detectors.values() if hasattr(d, "prepare")]
+        # Detectors that gain from letterboxing ahead: the resize then runs on the decode workers, once per detector.
+        self.prepare = list({id(hook.__self__): hook for hook in scorer.letterbox_hooks().values()}.values())
         from models import single_threaded
 
         self.single_threaded = single_threaded

@@ -172,6 +172,21 @@ def test_a_torn_last_line_is_cut_on_resume(tmp_path):
     assert writer.done == {"a.png"} and path.read_text() == '{"key": "a.png"}\n'
 
 
+def test_only_accelerator_detectors_letterbox_on_the_decode_workers():
+    """On CPU the lanes' forward passes keep every core busy, so the resize stays in the batch; a detector whose
+    session runs on a GPU has it done ahead, once per detector."""
+    from models import Scorer
+
+    scorer = Scorer(["matching"])
+    detector = scorer.rewards["matching"].detector
+    assert detector.providers[0] == "CPUExecutionProvider" and not detector.resizes_ahead
+    assert scorer.letterbox_hooks() == {} and folders.ScorerBackend(scorer).prepare == []
+    detector.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]  # what a GPU session reports
+    hooks = scorer.letterbox_hooks()
+    assert list(hooks) == ["matching"] and hooks["matching"].__self__ is detector
+    assert folders.ScorerBackend(scorer).prepare == [detector.prepare]
+
+
 @pytest.mark.slow
 def test_server_mode_gives_the_same_rows_as_in_process(tmp_path, assets):
     from serving import running_server
