@@ -76,9 +76,10 @@ class RewardEngine:
         default = self.scorer(self.default_weights, settings.profile)  # load the models now, not on the first request
         threads = settings.decode_threads or min(4, os.cpu_count() or 1)
         self._decoders = ThreadPoolExecutor(threads, thread_name_prefix="rewardscope-decode")
-        # Per reward, its detector's letterbox-ahead (Scorer.letterbox_hooks: accelerator detectors only): the
-        # resize then runs on the decode threads too, for the items that request that reward.
-        self._prepare_hooks = default.letterbox_hooks()
+        # Per reward, its detector's letterbox-ahead: the resize then runs on the decode threads too, for the items
+        # that request that reward. CPU detectors included: a lone request's images are resized side by side while
+        # the model thread waits (under load it is a wash; benchmarks/RESULTS.md).
+        self._prepare_hooks = default.letterbox_hooks(cpu_detectors=True)
 
     # -- Scorers -----------------------------------------------------------------------------------------
     def _weights(self, rewards: RewardSpec | None) -> dict[str, float]:

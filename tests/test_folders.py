@@ -181,6 +181,7 @@ def test_only_accelerator_detectors_letterbox_on_the_decode_workers():
     detector = scorer.rewards["matching"].detector
     assert detector.providers[0] == "CPUExecutionProvider" and not detector.resizes_ahead
     assert scorer.letterbox_hooks() == {} and folders.ScorerBackend(scorer).prepare == []
+    assert scorer.letterbox_hooks(cpu_detectors=True) == {"matching": detector.prepare}  # the service's choice
     detector.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]  # what a GPU session reports
     hooks = scorer.letterbox_hooks()
     assert list(hooks) == ["matching"] and hooks["matching"].__self__ is detector

@@ -132,10 +132,20 @@ def save_tiny_blip2(directory: Path, image_size: int = 32, hidden: int = 32, see
         **layers,
     )
     config = Blip2Config(
-        vision_config={"hidden_size": hidden, "intermediate_size": 2 * hidden, "image_size": image_size,
-                       "patch_size": 8, **layers},
-        qformer_config={"hidden_size": hidden, "intermediate_size": 2 * hidden, "encoder_hidden_size": hidden,
-                        "vocab_size": len(tokenizer), **layers},
+        vision_config={
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "image_size": image_size,
+            "patch_size": 8,
+            **layers,
+        },
+        qformer_config={
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "encoder_hidden_size": hidden,
+            "vocab_size": len(tokenizer),
+            **layers,
+        },
         text_config=text_config.to_dict(),
         num_query_tokens=4,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
