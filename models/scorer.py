@@ -51,15 +51,13 @@ class Scorer:
     def versions(self) -> dict[str, str]:
         return {name: reward.version for name, reward in self.rewards.items()}
 
-    def letterbox_hooks(self, cpu_detectors: bool = False) -> dict[str, Callable[[Any], None]]:
-        """reward name -> its detector's prepare (the letterbox resize, run ahead on a pipeline's decode workers).
-        By default only for detectors whose forward runs off the CPU (OnnxDetector.resizes_ahead). cpu_detectors:
-        every detector, for a caller whose decode threads often run while the model is idle (a server between
-        bursts: a lone request's images are then resized side by side on idle cores). Rewards may share one."""
+    def letterbox_hooks(self) -> dict[str, Callable[[Any], None]]:
+        """reward name -> its detector's prepare: the letterbox resize, which a pipeline runs ahead on its decode
+        workers so the batch skips it. Rewards may share a detector; callers run each detector's hook once."""
         hooks = {}
         for name, reward in self.rewards.items():
             detector = getattr(reward, "detector", None)
-            if hasattr(detector, "prepare") and (cpu_detectors or getattr(detector, "resizes_ahead", False)):
+            if hasattr(detector, "prepare"):
                 hooks[name] = detector.prepare
         return hooks
 

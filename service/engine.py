@@ -77,9 +77,8 @@ class RewardEngine:
         threads = settings.decode_threads or min(4, os.cpu_count() or 1)
         self._decoders = ThreadPoolExecutor(threads, thread_name_prefix="rewardscope-decode")
         # Per reward, its detector's letterbox-ahead: the resize then runs on the decode threads too, for the items
-        # that request that reward. CPU detectors included: a lone request's images are resized side by side while
-        # the model thread waits (under load it is a wash; benchmarks/RESULTS.md).
-        self._prepare_hooks = default.letterbox_hooks(cpu_detectors=True)
+        # that request that reward (a lone request's images are resized side by side while the model thread waits).
+        self._prepare_hooks = default.letterbox_hooks()
 
     # -- Scorers -----------------------------------------------------------------------------------------
     def _weights(self, rewards: RewardSpec | None) -> dict[str, float]:

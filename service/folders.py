@@ -144,7 +144,7 @@ def decode_or_path(item: FolderItem) -> Any:
 class ScorerBackend:
     def __init__(self, scorer: Any) -> None:
         self.scorer = scorer
-        # Detectors that gain from letterboxing ahead: the resize then runs on the decode workers, once per detector.
+        # The letterbox resize runs on the decode workers (Scorer.letterbox_hooks), once per detector.
         self.prepare = list({id(hook.__self__): hook for hook in scorer.letterbox_hooks().values()}.values())
         from models import single_threaded
 

@@ -172,20 +172,19 @@ def test_a_torn_last_line_is_cut_on_resume(tmp_path):
     assert writer.done == {"a.png"} and path.read_text() == '{"key": "a.png"}\n'
 
 
-def test_only_accelerator_detectors_letterbox_on_the_decode_workers():
-    """On CPU the lanes' forward passes keep every core busy, so the resize stays in the batch; a detector whose
-    session runs on a GPU has it done ahead, once per detector."""
+def test_the_letterbox_resize_runs_once_per_detector_on_the_decode_workers(assets):
+    """The folder engine and the service find the detectors to letterbox ahead the same way (Scorer.letterbox_hooks);
+    two rewards on one detector resize once, and a prefetched image then skips the resize in its batch."""
     from models import Scorer
 
-    scorer = Scorer(["matching"])
-    detector = scorer.rewards["matching"].detector
-    assert detector.providers[0] == "CPUExecutionProvider" and not detector.resizes_ahead
-    assert scorer.letterbox_hooks() == {} and folders.ScorerBackend(scorer).prepare == []
-    assert scorer.letterbox_hooks(cpu_detectors=True) == {"matching": detector.prepare}  # the service's choice
-    detector.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]  # what a GPU session reports
+    scorer = Scorer(["matching", "geneval"])
+    scorer.rewards["geneval"].detector = detector = scorer.rewards["matching"].detector  # one shared session
     hooks = scorer.letterbox_hooks()
-    assert list(hooks) == ["matching"] and hooks["matching"].__self__ is detector
-    assert folders.ScorerBackend(scorer).prepare == [detector.prepare]
+    assert set(hooks) == {"matching", "geneval"} and {hook.__self__ for hook in hooks.values()} == {detector}
+    backend = folders.ScorerBackend(scorer)
+    assert backend.prepare == [detector.prepare]
+    image = backend.prefetch(folders.FolderItem(key="bus.jpg", path=assets / "bus.jpg", prompt="a bus"))
+    assert len(detector._resized) == 1 and detector._take_prepared([image])[0] is not None
 
 
 @pytest.mark.slow

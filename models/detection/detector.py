@@ -190,14 +190,6 @@ class OnnxDetector:
                 self._narrow_session = self._session(1)
             return self._narrow_session
 
-    @property
-    def resizes_ahead(self) -> bool:
-        """Whether a pipeline that keeps the model busy should call prepare() on its decode workers: only where the
-        forward pass runs off the CPU, so the resize overlaps it. On CPU the lanes' forward passes already keep
-        every core busy; resizing on other threads then only moves the same work between the same cores, and costs
-        more there (1.4 CPU ms per image in the folder benchmark: benchmarks/RESULTS.md)."""
-        return self.providers[0] != "CPUExecutionProvider"
-
     def prepare(self, image: Image.Image) -> None:
         """Resize an RGB image to its letterbox size now, on the caller's thread (a pipeline's decode workers),
         so the batch that later holds it skips that step: the one preprocessing cost that scales with pixels."""
