@@ -95,7 +95,11 @@ def main() -> None:
     parser.add_argument("--no-server", action="store_true", help="skip the HTTP part")
     args = parser.parse_args()
     torch.manual_seed(0)
-    work = Path(tempfile.mkdtemp(prefix="rewardscope-bench-grad-"))
+    with tempfile.TemporaryDirectory(prefix="rewardscope-bench-grad-") as work:  # a 0.7 GB model: never left behind
+        run(args, Path(work))
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
     clip_dir = make_tiny_clip(
         work / "base", projection_dim=768, image_size=224, patch_size=32, hidden=768, layers=12, heads=12
     )

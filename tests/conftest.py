@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
+
+
+def _scratch_unless_set(variable: str, prefix: str) -> None:
+    """Point variable at a fresh temp dir, removed when the process exits (the test run, or a child that imported
+    this module), unless the caller set it: then it is theirs, and kept."""
+    if variable not in os.environ:
+        os.environ[variable] = path = tempfile.mkdtemp(prefix=prefix)
+        owner = os.getpid()
+        atexit.register(lambda: os.getpid() == owner and shutil.rmtree(path, ignore_errors=True))
+
 
 # Before any import of ultralytics / transformers: never reach for the network.
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_AUTOINSTALL", "false")
-os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="rewardscope-yolo-"))
+_scratch_unless_set("YOLO_CONFIG_DIR", "rewardscope-yolo-")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("REWARDSCOPE_CACHE", tempfile.mkdtemp(prefix="rewardscope-cache-"))
+_scratch_unless_set("REWARDSCOPE_CACHE", "rewardscope-cache-")
 
 import torch  # noqa: E402  (importing torch alone does not import triton)
 

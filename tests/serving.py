@@ -30,8 +30,10 @@ def serving_process(
     command: list[str], port: int, env: dict[str, str], probe: str, name: str, timeout: float = 180
 ) -> Iterator[str]:
     """Start `command` (a server listening on 127.0.0.1:port) in its own session, wait until GET probe answers 200,
-    yield the base URL, then stop the whole process group (SIGTERM, SIGKILL after 20 s)."""
+    yield the base URL, then stop the whole process group (SIGTERM, SIGKILL after 20 s). The server's log is kept
+    (its path in /tmp) only when something failed."""
     log = tempfile.NamedTemporaryFile(prefix=f"rewardscope-{name}-", suffix=".log", delete=False)
+    failed = True
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base_url = f"http://127.0.0.1:{port}"
     try:
@@ -46,6 +48,7 @@ def serving_process(
                 raise RuntimeError(f"{name} not up after {timeout}s:\n{Path(log.name).read_text()[-3000:]}")
             time.sleep(0.5)
         yield base_url
+        failed = False
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
@@ -54,22 +57,22 @@ def serving_process(
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        log.close()
+        if not failed:
+            Path(log.name).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
 def running_server(env: dict[str, str] | None = None, ready: bool = True, timeout: float = 180) -> Iterator[str]:
     """Yield the base URL of a served RewardService; ready=False waits only for /livez (not-ready tests)."""
     port = free_port()
-    environment = {
-        **os.environ,
-        "BENTOML_DO_NOT_TRACK": "true",
-        # Each server its own BentoML home: two servers sharing one clash on the task store's sqlite file.
-        "BENTOML_HOME": tempfile.mkdtemp(prefix="bentoml-home-"),
-        **(env or {}),
-    }
-    command = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    with serving_process(command, port, environment, "/readyz" if ready else "/livez", "server", timeout) as url:
-        yield url
+    # Each server its own BentoML home: two servers sharing one clash on the task store's sqlite file. Removed with
+    # the server: CI runs on a clean clone, and left behind, these pile up on its disk.
+    with tempfile.TemporaryDirectory(prefix="bentoml-home-", ignore_cleanup_errors=True) as home:
+        environment = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "BENTOML_HOME": home, **(env or {})}
+        command = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        with serving_process(command, port, environment, "/readyz" if ready else "/livez", "server", timeout) as url:
+            yield url
 
 
 def server_process(base_url: str) -> psutil.Process:

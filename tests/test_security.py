@@ -14,6 +14,7 @@ its own token, whatever other test modules imported before."""
 from __future__ import annotations
 
 import ast
+import atexit
 import base64
 import fnmatch
 import io
@@ -194,7 +195,8 @@ def route_inventory(app: Any) -> dict[str, set[str]]:
 def child(report_path: str) -> None:
     """Entry point of the audited child process."""
     os.environ["REWARDSCOPE_TOKEN"] = TOKEN
-    os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="bentoml-home-")
+    os.environ["BENTOML_HOME"] = home = tempfile.mkdtemp(prefix="bentoml-home-")
+    atexit.register(shutil.rmtree, home, True)
     os.environ["BENTOML_DO_NOT_TRACK"] = "true"
     sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
     import conftest  # noqa: F401  offline environment, as for the tests

@@ -3,9 +3,11 @@ benchmarks. The tokenizer is a real CLIPTokenizer over a byte-level vocabulary w
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import random
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -80,7 +82,9 @@ def make_aesthetic_head(path: Path, input_size: int, seed: int = 0) -> Path:
 @functools.cache
 def shared_tiny_clip(seed: int = 0) -> Path:
     """One tiny CLIP directory per test process (768-d embeddings, like ViT-L/14's, so the aesthetic MLP fits)."""
-    return make_tiny_clip(Path(tempfile.mkdtemp(prefix="rewardscope-tiny-clip-")), seed=seed)
+    directory = tempfile.mkdtemp(prefix="rewardscope-tiny-clip-")
+    atexit.register(shutil.rmtree, directory, True)
+    return make_tiny_clip(Path(directory), seed=seed)
 
 
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 220, 40)}
