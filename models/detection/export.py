@@ -157,7 +157,8 @@ def export_ultralytics(
     names: class names to record instead of the model's own (a .yaml model only knows "0", "1", ...)."""
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_AUTOINSTALL", "false")
-    os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="rewardscope-yolo-"))
+    if "YOLO_CONFIG_DIR" not in os.environ:  # not setdefault: its argument would make a dir on every call
+        os.environ["YOLO_CONFIG_DIR"] = tempfile.mkdtemp(prefix="rewardscope-yolo-")
     from ultralytics import YOLO
 
     source = Path(model)
