@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from service.images import DEFAULT_LIMITS, ImageError, ImageLimits, load_image
@@ -51,15 +51,15 @@ class Scorer:
     def versions(self) -> dict[str, str]:
         return {name: reward.version for name, reward in self.rewards.items()}
 
-    def letterbox_hooks(self) -> dict[str, Callable[[Any], None]]:
-        """reward name -> its detector's prepare: the letterbox resize, which a pipeline runs ahead on its decode
-        workers so the batch skips it. Rewards may share a detector; callers run each detector's hook once."""
-        hooks = {}
-        for name, reward in self.rewards.items():
-            detector = getattr(reward, "detector", None)
+    def letterbox_hooks(self, names: Iterable[str] | None = None) -> list[Callable[[Any], None]]:
+        """The letterbox resize (each detector's prepare) of the rewards named (default: all), once per detector
+        however many rewards share it: a pipeline runs them ahead on its decode workers so the batch skips it."""
+        hooks: dict[int, Callable[[Any], None]] = {}
+        for name in self.rewards if names is None else names:
+            detector = getattr(self.rewards.get(name), "detector", None)
             if hasattr(detector, "prepare"):
-                hooks[name] = detector.prepare
-        return hooks
+                hooks.setdefault(id(detector), detector.prepare)
+        return list(hooks.values())
 
     def _decode(self, image: Any, prompt: Any, metadata: Any) -> Sample:
         if not isinstance(prompt, str):

@@ -76,9 +76,9 @@ class RewardEngine:
         default = self.scorer(self.default_weights, settings.profile)  # load the models now, not on the first request
         threads = settings.decode_threads or min(4, os.cpu_count() or 1)
         self._decoders = ThreadPoolExecutor(threads, thread_name_prefix="rewardscope-decode")
-        # Per reward, its detector's letterbox-ahead: the resize then runs on the decode threads too, for the items
-        # that request that reward (a lone request's images are resized side by side while the model thread waits).
-        self._prepare_hooks = default.letterbox_hooks()
+        # The requested rewards' letterbox resize runs on the decode threads too (a lone request's images are then
+        # resized side by side while the model thread waits). Variant scorers share these detectors.
+        self._letterbox_hooks = default.letterbox_hooks
 
     # -- Scorers -----------------------------------------------------------------------------------------
     def _weights(self, rewards: RewardSpec | None) -> dict[str, float]:
@@ -144,8 +144,7 @@ class RewardEngine:
             image = load_image(source, self.limits)
         except ImageError:
             return source
-        hooks = {id(hook.__self__): hook for name in rewards if (hook := self._prepare_hooks.get(name)) is not None}
-        for prepare in hooks.values():  # once per detector, shared or not
+        for prepare in self._letterbox_hooks(rewards):
             prepare(image)
         return image
 

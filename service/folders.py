@@ -144,8 +144,7 @@ def decode_or_path(item: FolderItem) -> Any:
 class ScorerBackend:
     def __init__(self, scorer: Any) -> None:
         self.scorer = scorer
-        # The letterbox resize runs on the decode workers (Scorer.letterbox_hooks), once per detector.
-        self.prepare = list({id(hook.__self__): hook for hook in scorer.letterbox_hooks().values()}.values())
+        self.prepare = scorer.letterbox_hooks()  # the letterbox resize, run on the decode workers
         from models import single_threaded
 
         self.single_threaded = single_threaded

@@ -178,9 +178,10 @@ def test_the_letterbox_resize_runs_once_per_detector_on_the_decode_workers(asset
     from models import Scorer
 
     scorer = Scorer(["matching", "geneval"])
-    scorer.rewards["geneval"].detector = detector = scorer.rewards["matching"].detector  # one shared session
-    hooks = scorer.letterbox_hooks()
-    assert set(hooks) == {"matching", "geneval"} and {hook.__self__ for hook in hooks.values()} == {detector}
+    detector = scorer.rewards["matching"].detector
+    assert scorer.rewards["geneval"].detector is detector  # one session per model and runtime config
+    assert scorer.letterbox_hooks() == [detector.prepare] == scorer.letterbox_hooks(["geneval"])
+    assert scorer.letterbox_hooks(["no-such-reward"]) == []
     backend = folders.ScorerBackend(scorer)
     assert backend.prepare == [detector.prepare]
     image = backend.prefetch(folders.FolderItem(key="bus.jpg", path=assets / "bus.jpg", prompt="a bus"))
