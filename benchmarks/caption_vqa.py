@@ -24,11 +24,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from common import photos  # noqa: E402
-
-from models.caption import DEFAULT_CAPTIONER, CaptionReward  # noqa: E402
-from models.hf import ModelNotFoundError, resolve_model  # noqa: E402
-from models.types import Sample  # noqa: E402
-from models.vqa import DEFAULT_VQA_MODEL, VqaReward  # noqa: E402
+from rewardscope.models.caption import DEFAULT_CAPTIONER, CaptionReward  # noqa: E402
+from rewardscope.models.hf import ModelNotFoundError, resolve_model  # noqa: E402
+from rewardscope.models.types import Sample  # noqa: E402
+from rewardscope.models.vqa import DEFAULT_VQA_MODEL, VqaReward  # noqa: E402
 
 PROMPTS = (
     "four people and a bus",

@@ -22,10 +22,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PIL import Image  # noqa: E402
+from rewardscope.models.detection.detector import (
+    letterbox_batch,  # noqa: E402
+    single_threaded,  # noqa: E402
+)
+from rewardscope.service import folders  # noqa: E402
 
-from models import Scorer, single_threaded  # noqa: E402
-from models.detection.detector import letterbox_batch  # noqa: E402
-from service import folders  # noqa: E402
+from rewardscope import Scorer  # noqa: E402
 
 
 def make_folder(root: Path, count: int) -> None:

@@ -26,10 +26,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from common import photos, timed  # noqa: E402
+from rewardscope.models.gradients import gradient_reward, reward_gradients  # noqa: E402
 from tiny_clip import make_tiny_clip  # noqa: E402
 
-from models import Scorer  # noqa: E402
-from models.gradients import gradient_reward, reward_gradients  # noqa: E402
+from rewardscope import Scorer  # noqa: E402
 
 
 def pixel_batch(size: int, batch: int) -> torch.Tensor:

@@ -22,9 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torchvision  # noqa: E402
-
-import kernels  # noqa: E402
-from kernels import reference  # noqa: E402
+from rewardscope.kernels import ops as kernel_ops  # noqa: E402
+from rewardscope.kernels import reference  # noqa: E402
 
 SIZES = (8400, 25200)  # YOLOv8 at 640 px; YOLOv5/v7 anchor heads at 640 px
 NUM_CLASSES = 80
@@ -170,11 +169,13 @@ def main() -> None:
                 class_ids, requested = prompt(batch, "cuda")
                 inputs = (candidates, class_ids, requested)
                 fused = timed(
-                    partial(kernels.box_match, *inputs, CONF, IOU, MAX_DET, TOPK, backend="triton"), args.repeats, True
+                    partial(kernel_ops.box_match, *inputs, CONF, IOU, MAX_DET, TOPK, backend="triton"),
+                    args.repeats,
+                    True,
                 )
                 baseline = timed(partial(torchvision_baseline, *inputs), args.repeats, True)
-                got = kernels.box_match(candidates, class_ids, requested, CONF, IOU, MAX_DET, TOPK, backend="triton")
-                want = kernels.box_match(
+                got = kernel_ops.box_match(candidates, class_ids, requested, CONF, IOU, MAX_DET, TOPK, backend="triton")
+                want = kernel_ops.box_match(
                     candidates, class_ids, requested, CONF, IOU, MAX_DET, TOPK, backend="reference"
                 )
                 agree = torch.equal(got.keep_indices, want.keep_indices) and torch.equal(got.counts, want.counts)
@@ -194,12 +195,20 @@ def main() -> None:
             class_ids, requested = prompt(batch, "cpu")
             seconds = timed(
                 partial(
-                    kernels.box_match, candidates, class_ids, requested, CONF, IOU, MAX_DET, TOPK, backend="reference"
+                    kernel_ops.box_match,
+                    candidates,
+                    class_ids,
+                    requested,
+                    CONF,
+                    IOU,
+                    MAX_DET,
+                    TOPK,
+                    backend="reference",
                 ),
                 args.repeats,
                 False,
             )
-            kept = kernels.box_match(candidates, class_ids, requested, backend="reference").num_kept.double().mean()
+            kept = kernel_ops.box_match(candidates, class_ids, requested, backend="reference").num_kept.double().mean()
             print(f"| {batch:3d} | {num:6d} | {kept:10.1f} | {seconds * 1e3:9.2f} | {seconds / batch * 1e3:9.2f} |")
     print_roofline()
 

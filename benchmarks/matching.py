@@ -17,11 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from common import photos, timed  # noqa: E402
-
-import kernels  # noqa: E402
-from models.detection.detector import OnnxDetector, letterbox_batch  # noqa: E402
-from models.detection.export import embedded_detector_path  # noqa: E402
-from models.detection.matching import seed_score  # noqa: E402
+from rewardscope.kernels import ops as kernel_ops  # noqa: E402
+from rewardscope.models.detection.detector import OnnxDetector, letterbox_batch  # noqa: E402
+from rewardscope.models.detection.export import embedded_detector_path  # noqa: E402
+from rewardscope.models.detection.matching import seed_score  # noqa: E402
 
 
 def loop_score(candidates: list[list[float]], prompt: list[tuple[int, int]], conf: float, iou: float) -> float:
@@ -63,7 +62,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: default)")
     args = parser.parse_args()
 
-    from models.detection.detector import DetectorConfig
+    from rewardscope.models.detection.detector import DetectorConfig
 
     detector = OnnxDetector(embedded_detector_path(), DetectorConfig(intra_op_threads=args.threads, batch_size=32))
     images = photos()
@@ -92,7 +91,7 @@ def main() -> None:
     mask = torch.ones_like(class_ids, dtype=torch.bool)
 
     def vectorised():
-        match = kernels.box_match(candidates, class_ids, requested, 0.25, 0.45, 100)
+        match = kernel_ops.box_match(candidates, class_ids, requested, 0.25, 0.45, 100)
         return seed_score(match.counts, match.confidence_mean, requested, mask)[0]
 
     post = timed(vectorised, args.repeats) / 32

@@ -26,13 +26,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 import torch  # noqa: E402
 from common import photos, timed  # noqa: E402
 from PIL import Image  # noqa: E402
+from rewardscope.models.clip import load_clip  # noqa: E402
+from rewardscope.models.feedback import TrainConfig, train_feedback_reward  # noqa: E402
+from rewardscope.models.hf import ModelNotFoundError, resolve_model  # noqa: E402
+from rewardscope.models.preference import MissingExtraError  # noqa: E402
 from tiny_clip import make_aesthetic_head, make_labelled_set, make_tiny_clip  # noqa: E402
 
-from models import Scorer  # noqa: E402
-from models.clip import load_clip  # noqa: E402
-from models.feedback import TrainConfig, train_feedback_reward  # noqa: E402
-from models.hf import ModelNotFoundError, resolve_model  # noqa: E402
-from models.preference import MissingExtraError  # noqa: E402
+from rewardscope import Scorer  # noqa: E402
 
 
 def throughput(scorer: Scorer, images: list[Image.Image], batch: int, repeats: int) -> float:

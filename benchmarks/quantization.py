@@ -13,11 +13,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import photos, timed  # noqa: E402
+from rewardscope.models.detection.detector import DetectorConfig, OnnxDetector, letterbox_batch  # noqa: E402
+from rewardscope.models.detection.export import embedded_detector_path  # noqa: E402
+from rewardscope.models.detection.quantize import quantized_path  # noqa: E402
 
-from models import Scorer  # noqa: E402
-from models.detection.detector import DetectorConfig, OnnxDetector, letterbox_batch  # noqa: E402
-from models.detection.export import embedded_detector_path  # noqa: E402
-from models.detection.quantize import quantized_path  # noqa: E402
+from rewardscope import Scorer  # noqa: E402
 
 
 def main() -> None:

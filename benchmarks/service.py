@@ -20,7 +20,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import httpx  # noqa: E402
 from serving import running_server  # noqa: E402
 
-from models import Scorer  # noqa: E402
+from rewardscope import Scorer  # noqa: E402
 
 
 def photos() -> list[bytes]:

@@ -225,9 +225,8 @@ def detector_curve(sizes: list[int], repeats: int) -> dict[int, tuple[float, flo
     """Detector alone at each batch size: (letterbox ms/image, forward ms/image), median of `repeats`."""
     from common import timed
     from PIL import Image
-
-    from models.detection.detector import DetectorConfig, OnnxDetector, letterbox_batch
-    from models.detection.export import embedded_detector_path
+    from rewardscope.models.detection.detector import DetectorConfig, OnnxDetector, letterbox_batch
+    from rewardscope.models.detection.export import embedded_detector_path
 
     images = [Image.fromarray(pixels) for pixels in generator_like_photos().values()]
     detector = OnnxDetector(embedded_detector_path(), DetectorConfig(batch_size=max(sizes)))

@@ -9,7 +9,7 @@ M = max_detections, K prompt slots; s = bytes per candidate element):
   4. _nms_sweep_kernel    [B]                  greedy walk over the bitmask -> kept detections, padded
   5. _soft_count_kernel   [B]                  per prompt slot: count, confidence sum / mean, Poisson-binomial
 Importing this module defines the kernels: set TRITON_INTERPRET=1 before importing it to run them on CPU
-tensors (the tests do; kernels/__init__.py imports it lazily for that reason).
+tensors (the tests do; kernels/ops.py imports it lazily for that reason).
 """
 
 from __future__ import annotations

@@ -18,11 +18,11 @@ from typing import Any
 
 from flask import Flask, jsonify, request
 from gunicorn.app.base import BaseApplication
+from rewardscope.models.types import ScoreResult
+from rewardscope.service.images import ImageError, ImageLimits, decode_base64, decode_npy
+from rewardscope.service.settings import ServiceSettings
 
-from models import Scorer
-from models.types import ScoreResult
-from service.images import ImageError, ImageLimits, decode_base64, decode_npy
-from service.settings import ServiceSettings
+from rewardscope import Scorer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -239,7 +239,7 @@ def _aux_loss(head: FeedbackHead, data: _Tensors, batch: torch.Tensor) -> torch.
 
 
 def _embed(pairs: list[LabelledPair], config: TrainConfig, progress: Any) -> tuple[_Tensors, Any]:
-    from service.images import load_image
+    from rewardscope.service.images import load_image
 
     backbone = load_clip(config.clip_model, config.clip_processor, config.device, config.dtype)
     images = []

@@ -23,9 +23,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-import kernels
-from kernels.reference import poisson_binomial
+from rewardscope.kernels import ops as kernel_ops
+from rewardscope.kernels.reference import poisson_binomial
 
 from .clip import ClipBackbone, _features
 from .detection.matching import MatchingReward, f1_score
@@ -98,7 +97,7 @@ class SoftMatchingGradient:
 
         candidates = self.detector.detect(pixels)  # [B, N, 4 + C], in the graph
         with torch.no_grad():  # the discrete selection: fixed in the backward pass
-            selection = kernels.box_match(
+            selection = kernel_ops.box_match(
                 candidates.detach().float(),
                 class_ids,
                 requested,

@@ -9,8 +9,7 @@ from collections import OrderedDict
 from typing import Any
 
 import torch
-
-import kernels
+from rewardscope.kernels import ops as kernel_ops
 
 from .detection.detector import DetectorConfig
 from .detection.matching import load_detector
@@ -172,7 +171,7 @@ class PlausibilityReward:
         """Per image: label -> summed box area in pixels (overlapping boxes of one label count twice)."""
         candidates = self.detector([sample.image for sample in samples])
         no_slots = torch.full((len(samples), 1), -1, dtype=torch.int64)
-        match = kernels.box_match(
+        match = kernel_ops.box_match(
             candidates,
             no_slots,
             torch.zeros_like(no_slots),

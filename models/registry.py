@@ -36,12 +36,12 @@ def register_reward(name: str) -> Callable[[Callable[..., Reward]], Callable[...
 
 # Modules whose import registers built-in rewards (their @register_reward decorators run on import).
 BUILTIN_REWARD_MODULES = (
-    "models.detection.matching",
-    "models.preference",
-    "models.feedback",
-    "models.caption",
-    "models.vqa",
-    "models.plausibility",
+    "rewardscope.models.detection.matching",
+    "rewardscope.models.preference",
+    "rewardscope.models.feedback",
+    "rewardscope.models.caption",
+    "rewardscope.models.vqa",
+    "rewardscope.models.plausibility",
 )
 
 

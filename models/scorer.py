@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from service.images import DEFAULT_LIMITS, ImageError, ImageLimits, load_image
+from rewardscope.service.images import DEFAULT_LIMITS, ImageError, ImageLimits, load_image
 
 from .registry import Reward, create_reward
 from .types import RewardOutput, Sample, ScoreResult

@@ -14,13 +14,12 @@ from typing import Annotated
 import bentoml
 from bentoml.exceptions import ServiceUnavailable
 from pydantic import Field, ValidationError
+from rewardscope.models.detection.detector import single_threaded
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
-
-from models import single_threaded
 
 from . import metrics
 from .batching import Batcher, Overloaded

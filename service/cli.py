@@ -40,7 +40,7 @@ def _print_results(rows: list[tuple[str, str, Any]]) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from models import Scorer
+    from rewardscope.models.scorer import Scorer
 
     scorer = Scorer(["matching"], config={"matching": {"conf_threshold": args.conf}})
     pairs = [(name, path, prompt) for name, path in sample_images() for prompt in DEMO_PROMPTS]
@@ -52,7 +52,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     if len(args.paths) == 1 and Path(args.paths[0]).is_dir():
         return cmd_score_folder(args)
-    from models import Scorer
+    from rewardscope.models.scorer import Scorer
 
     if not args.prompt:
         print("scoring image files needs --prompt (once for all images, or once per image)", file=sys.stderr)
@@ -96,7 +96,7 @@ def cmd_score_folder(args: argparse.Namespace) -> int:
         client = RewardClient(args.server, token=os.environ.get("REWARDSCOPE_TOKEN"), chunk_size=args.batch_size)
         backend = folders.ClientBackend(client, weights)
     elif args.engine == "local":
-        from models import Scorer
+        from rewardscope.models.scorer import Scorer
 
         backend = folders.ScorerBackend(Scorer(weights, config=_reward_config(weights, args.variant)))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"))
@@ -143,11 +143,11 @@ def _parse_weight(item: str) -> tuple[str, float]:
 
 
 def cmd_export_detector(args: argparse.Namespace) -> int:
-    from models.detection.export import export_ultralytics
+    from rewardscope.models.detection.export import export_ultralytics
 
     names = None
     if args.names == "coco":
-        from models.detection.prompt import COCO_CLASSES
+        from rewardscope.models.detection.prompt import COCO_CLASSES
 
         names = list(COCO_CLASSES)
     elif args.names:
@@ -158,10 +158,9 @@ def cmd_export_detector(args: argparse.Namespace) -> int:
 
 
 def cmd_train_reward(args: argparse.Namespace) -> int:
+    from rewardscope.models.feedback import TrainConfig, train_feedback_reward
     from rich.console import Console
     from rich.table import Table
-
-    from models.feedback import TrainConfig, train_feedback_reward
 
     config = TrainConfig(
         clip_model=args.clip_model,
@@ -200,8 +199,8 @@ def cmd_train_reward(args: argparse.Namespace) -> int:
 
 
 def cmd_dpo_pairs(args: argparse.Namespace) -> int:
-    from models import Scorer
-    from service.dpo import export_dpo_pairs
+    from rewardscope.models.scorer import Scorer
+    from rewardscope.service.dpo import export_dpo_pairs
 
     weights = dict(_parse_weight(item) for item in args.rewards)
     config = json.loads(args.config) if args.config else {}
@@ -246,15 +245,13 @@ def serve_command(host: str, port: int, allow_remote_without_token: bool = False
             "set a token, or pass --allow-remote-without-token if the network is trusted"
         )
     bentoml = Path(sys.executable).with_name("bentoml")
-    return [str(bentoml), "serve", "service.app:RewardService", "--host", host, "--port", str(port)]
+    return [str(bentoml), "serve", "rewardscope.service.app:RewardService", "--host", host, "--port", str(port)]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     command = serve_command(args.host, args.port, args.allow_remote_without_token)
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
-    root = Path(__file__).resolve().parents[1]
     print(f"rewardscope: serving on http://{args.host}:{args.port}  (try: curl http://{args.host}:{args.port}/rewards)")
-    os.chdir(root)  # bentoml resolves service.app from the working directory
     os.execv(command[0], command)
     return 0  # not reached
 
@@ -343,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    from models.hf import ModelNotFoundError
+    from rewardscope.models.hf import ModelNotFoundError
 
     try:
         return args.run(args)

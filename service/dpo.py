@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models import Scorer
-from models.combine import combine, preference_pair
+from rewardscope.models.combine import combine, preference_pair
+from rewardscope.models.scorer import Scorer
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 PROMPTS_FILE, PROMPT_FILE = "prompts.jsonl", "prompt.txt"

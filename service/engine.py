@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
-
-from models import Scorer, list_rewards, single_threaded
-from models.combine import combine, likelihood_weights, preference_pair, rank_candidates
-from models.registry import is_registered
-from models.types import ScoreResult
+from rewardscope.models.combine import combine, likelihood_weights, preference_pair, rank_candidates
+from rewardscope.models.detection.detector import single_threaded
+from rewardscope.models.registry import is_registered, list_rewards
+from rewardscope.models.scorer import Scorer
+from rewardscope.models.types import ScoreResult
 
 from . import metrics
 from .images import ImageError, ImageLimits, decode_base64, decode_npy, load_image

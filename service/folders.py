@@ -145,7 +145,7 @@ class ScorerBackend:
     def __init__(self, scorer: Any) -> None:
         self.scorer = scorer
         self.prepare = scorer.letterbox_hooks()  # the letterbox resize, run on the decode workers
-        from models import single_threaded
+        from rewardscope.models.detection.detector import single_threaded
 
         self.single_threaded = single_threaded
 
@@ -405,8 +405,7 @@ def score_items_ray(
     loads the models once), collect and write them with the same resumable writer. address: an existing
     cluster ("auto" or ray://...), else a local instance."""
     import ray
-
-    from models import Scorer
+    from rewardscope.models.scorer import Scorer
 
     writer = ResultsWriter(out_dir / RESULTS_FILE)
     todo = [item for item in items if item.key not in writer.done]

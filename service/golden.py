@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models import Scorer
+from rewardscope.models.scorer import Scorer
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-
-from models.gradients import DIFFERENTIABLE, NotDifferentiableError, gradient_reward, reward_gradients
+from rewardscope.models.gradients import DIFFERENTIABLE, NotDifferentiableError, gradient_reward, reward_gradients
 
 from . import metrics
 from .engine import RequestItemError, RewardEngine

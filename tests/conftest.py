@@ -59,15 +59,25 @@ def zidane() -> Image.Image:
 
 
 @pytest.fixture(scope="session")
+def token_server():
+    """One served RewardService with the defaults and serving.TOKEN, shared by the test modules that need nothing
+    else (hostile input, fuzzing): a server start costs seconds of model loading and the golden check."""
+    from serving import TOKEN, running_server
+
+    with running_server({"REWARDSCOPE_TOKEN": TOKEN}) as base_url:
+        yield base_url
+
+
+@pytest.fixture(scope="session")
 def embedded_onnx() -> Path:
-    from models.detection.export import embedded_detector_path
+    from rewardscope.models.detection.export import embedded_detector_path
 
     return embedded_detector_path()
 
 
 @pytest.fixture(scope="session")
 def detector(embedded_onnx: Path):
-    from models.detection.detector import OnnxDetector
+    from rewardscope.models.detection.detector import OnnxDetector
 
     return OnnxDetector(embedded_onnx)
 
@@ -75,8 +85,8 @@ def detector(embedded_onnx: Path):
 @pytest.fixture(scope="session")
 def yolov8n_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-init yolov8n exported through our exporter with a fixed batch of 2 (offline)."""
-    from models.detection.export import export_ultralytics
-    from models.detection.prompt import COCO_CLASSES
+    from rewardscope.models.detection.export import export_ultralytics
+    from rewardscope.models.detection.prompt import COCO_CLASSES
 
     target = tmp_path_factory.mktemp("yolo") / "yolov8n-random.onnx"
     return export_ultralytics("yolov8n.yaml", target, imgsz=320, batch=2, names=COCO_CLASSES)

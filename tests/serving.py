@@ -17,6 +17,8 @@ import httpx
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
+# The bearer token of the session's shared server (conftest's `token_server`).
+TOKEN = "test-token"
 
 
 def free_port() -> int:
@@ -70,7 +72,7 @@ def running_server(env: dict[str, str] | None = None, ready: bool = True, timeou
     # the server: CI runs on a clean clone, and left behind, these pile up on its disk.
     with tempfile.TemporaryDirectory(prefix="bentoml-home-", ignore_cleanup_errors=True) as home:
         environment = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "BENTOML_HOME": home, **(env or {})}
-        command = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        command = [sys.executable, "-m", "rewardscope.service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
         with serving_process(command, port, environment, "/readyz" if ready else "/livez", "server", timeout) as url:
             yield url
 

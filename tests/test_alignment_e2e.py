@@ -11,7 +11,7 @@ import pytest
 from serving import running_server
 from tiny_models import save_all
 
-from models import Scorer
+from rewardscope import Scorer
 
 pytestmark = pytest.mark.slow
 REWARDS = ("matching", "caption", "vqa", "plausibility")

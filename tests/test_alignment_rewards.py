@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from rewardscope.models.caption import load_text_embedder
+from rewardscope.models.hf import ModelNotFoundError, choose_dtype, resolve_model, weights_hash
+from rewardscope.models.types import Sample
+from rewardscope.models.vqa import GenerativeQuestionAnswerer, generate_questions
 from tiny_models import save_all, save_tiny_blip, save_tiny_blip2
 
-from models import Scorer, create_reward, list_rewards
-from models.caption import load_text_embedder
-from models.hf import ModelNotFoundError, choose_dtype, resolve_model, weights_hash
-from models.types import Sample
-from models.vqa import GenerativeQuestionAnswerer, generate_questions
+from rewardscope import Scorer, create_reward, list_rewards
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,7 @@ import time
 from collections.abc import Sequence
 
 import pytest
-
-from service.batching import Batcher, ItemBudget, Overloaded
+from rewardscope.service.batching import Batcher, ItemBudget, Overloaded
 
 
 class Model:

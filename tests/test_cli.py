@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from models.detection.detector import OnnxDetector
-from models.detection.prompt import COCO_CLASSES
-from service.cli import main
+from rewardscope.models.detection.detector import OnnxDetector
+from rewardscope.models.detection.prompt import COCO_CLASSES
+from rewardscope.service.cli import main
 
 
 def test_score_prints_one_json_line_per_image_and_keeps_going_past_a_bad_one(bus_path, tmp_path, capsys):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from serving import ROOT, running_server
 
-from models import Scorer
+from rewardscope import Scorer
 
 pytest.importorskip("rewardscope_client")
 from rewardscope_client import RewardClient  # noqa: E402

@@ -6,8 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
-
-from models.combine import (
+from rewardscope.models.combine import (
     average_ranks,
     combine,
     likelihood_weights,

@@ -9,10 +9,9 @@ import onnx
 import pytest
 import torch
 from PIL import Image
-
-from models.detection.darknet import DarknetYolo, parse_cfg
-from models.detection.detector import OnnxDetector, letterbox_batch, single_threaded
-from models.detection.export import DARKNET_TO_COCO
+from rewardscope.models.detection.darknet import DarknetYolo, parse_cfg
+from rewardscope.models.detection.detector import OnnxDetector, letterbox_batch, single_threaded
+from rewardscope.models.detection.export import DARKNET_TO_COCO
 
 
 def test_letterbox_keeps_aspect_and_centres_each_image():

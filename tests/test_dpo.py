@@ -12,15 +12,15 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from rewardscope.models.combine import combine, likelihood_weights
+from rewardscope.service.cli import main
+from rewardscope.service.dpo import export_dpo_pairs, read_candidate_groups
+from rewardscope.service.engine import RewardEngine
+from rewardscope.service.schemas import ImageInput, RankGroup, RankOptions
+from rewardscope.service.settings import ServiceSettings
 from tiny_clip import shared_tiny_clip
 
-from models import Scorer
-from models.combine import combine, likelihood_weights
-from service.cli import main
-from service.dpo import export_dpo_pairs, read_candidate_groups
-from service.engine import RewardEngine
-from service.schemas import ImageInput, RankGroup, RankOptions
-from service.settings import ServiceSettings
+from rewardscope import Scorer
 
 PICK_A_PIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 

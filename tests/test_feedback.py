@@ -8,15 +8,22 @@ import random
 
 import numpy as np
 import pytest
+from rewardscope.models.feedback import (
+    TrainConfig,
+    perturb_prompt,
+    read_labels,
+    roc_auc,
+    split_indices,
+    train_feedback_reward,
+)
+from rewardscope.models.hf import ModelNotFoundError
+from rewardscope.models.registry import is_registered, split_reward_name
+from rewardscope.service.cli import main
+from rewardscope.service.engine import RewardEngine
+from rewardscope.service.settings import ServiceSettings
 from tiny_clip import make_labelled_set, shared_tiny_clip
 
-from models import Scorer, create_reward
-from models.feedback import TrainConfig, perturb_prompt, read_labels, roc_auc, split_indices, train_feedback_reward
-from models.hf import ModelNotFoundError
-from models.registry import is_registered, split_reward_name
-from service.cli import main
-from service.engine import RewardEngine
-from service.settings import ServiceSettings
+from rewardscope import Scorer, create_reward
 
 
 @pytest.fixture(scope="module")

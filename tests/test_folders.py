@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from rewardscope.service import folders
+from rewardscope.service.cli import main
 from serving import ROOT
-
-from service import folders
-from service.cli import main
 
 GENEVAL_PROMPTS = [
     # (folder, tag, prompt, include, exclude, image)
@@ -145,7 +144,16 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_rows(tmp_path, assets
     flat.mkdir()
     for index in range(24):
         shutil.copy(assets / ("bus.jpg" if index % 2 else "zidane.jpg"), flat / f"four_people_{index:03d}.jpg")
-    command = [sys.executable, "-m", "service.cli", "score", str(flat), "--batch-size", "4", "--no-progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "rewardscope.service.cli",
+        "score",
+        str(flat),
+        "--batch-size",
+        "4",
+        "--no-progress",
+    ]
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     process = subprocess.Popen([*command, "--out", str(killed)], cwd=ROOT, start_new_session=True)
     results = killed / folders.RESULTS_FILE
@@ -175,7 +183,7 @@ def test_a_torn_last_line_is_cut_on_resume(tmp_path):
 def test_the_letterbox_resize_runs_once_per_detector_on_the_decode_workers(assets):
     """The folder engine and the service find the detectors to letterbox ahead the same way (Scorer.letterbox_hooks);
     two rewards on one detector resize once, and a prefetched image then skips the resize in its batch."""
-    from models import Scorer
+    from rewardscope import Scorer
 
     scorer = Scorer(["matching", "geneval"])
     detector = scorer.rewards["matching"].detector

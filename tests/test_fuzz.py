@@ -11,7 +11,7 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -28,9 +28,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
-from serving import running_server, server_tree
-
-from models.detection.prompt import (
+from rewardscope.models.detection.prompt import (
     COCO_CLASSES,
     COLORS,
     MAX_COUNT,
@@ -42,7 +40,7 @@ from models.detection.prompt import (
     parse_prompt,
     to_geneval_metadata,
 )
-from service.images import (
+from rewardscope.service.images import (
     DEFAULT_LIMITS,
     ImageError,
     ImageLimits,
@@ -51,11 +49,11 @@ from service.images import (
     decode_bytes,
     decode_npy,
 )
+from serving import TOKEN, server_tree
 
 # Damaged TIFF/EXIF data makes PIL warn before it raises or skips the tag: expected here, not news.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:PIL.TiffImagePlugin")
 
-TOKEN = "fuzz-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 API_CASES = 400
 # benchmarks/fuzz.py raises the example count and seeds the run itself (pytest --hypothesis-seed); unset, every
@@ -421,9 +419,8 @@ def still_serving(base_url: str, workers: list[psutil.Process]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    with running_server({"REWARDSCOPE_TOKEN": TOKEN}) as base_url:
-        yield base_url
+def server(token_server: str) -> str:
+    return token_server
 
 
 @pytest.mark.slow

@@ -13,20 +13,20 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from serving import running_server
-from tiny_clip import make_aesthetic_head, shared_tiny_clip
-
-from models import Scorer
-from models.clip import ClipBackbone
-from models.detection.detector import letterbox_batch
-from models.detection.torch_detector import TorchDetector, letterbox_tensor
-from models.gradients import (
+from rewardscope.models.clip import ClipBackbone
+from rewardscope.models.detection.detector import letterbox_batch
+from rewardscope.models.detection.torch_detector import TorchDetector, letterbox_tensor
+from rewardscope.models.gradients import (
     ClipGradient,
     NotDifferentiableError,
     SoftMatchingGradient,
     gradient_reward,
     reward_gradients,
 )
+from serving import running_server
+from tiny_clip import make_aesthetic_head, shared_tiny_clip
+
+from rewardscope import Scorer
 
 
 def pixels_of(image: Image.Image, size: tuple[int, int] | None = None, dtype=torch.float32) -> torch.Tensor:
@@ -152,7 +152,7 @@ def test_the_differentiable_clip_score_is_the_scored_clip_score(tiny_clip_dir, b
 
 
 def _sample(image: Image.Image, prompt: str):
-    from models.types import Sample
+    from rewardscope.models.types import Sample
 
     return Sample(image=image, prompt=prompt)
 
@@ -171,11 +171,10 @@ def test_gradients_of_failed_items_are_zero_and_the_rest_are_kept(torch_detector
 
 
 def test_a_served_ultralytics_detector_needs_its_torch_twin_configured(yolov8n_onnx, tmp_path, bus):
+    from rewardscope.models.detection.matching import MatchingReward
+    from rewardscope.models.detection.prompt import COCO_CLASSES
     from safetensors.torch import save_file
     from ultralytics.nn.tasks import DetectionModel
-
-    from models.detection.matching import MatchingReward
-    from models.detection.prompt import COCO_CLASSES
 
     reward = MatchingReward(detector=str(yolov8n_onnx))
     with pytest.raises(NotDifferentiableError, match="no torch twin configured"):
@@ -339,9 +338,9 @@ class _BreaksOn:
 
 
 def test_a_gradient_failure_fails_only_its_item(torch_detector, bus):
-    from service.engine import RewardEngine
-    from service.gradients import GradientEngine, GradItem
-    from service.settings import ServiceSettings
+    from rewardscope.service.engine import RewardEngine
+    from rewardscope.service.gradients import GradientEngine, GradItem
+    from rewardscope.service.settings import ServiceSettings
 
     engine = GradientEngine(RewardEngine(ServiceSettings(golden_check=False)))
     engine._rewards[("matching", "train")] = _BreaksOn(SoftMatchingGradient(torch_detector), "explode")

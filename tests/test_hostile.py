@@ -24,14 +24,12 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from serving import running_server, server_tree
+from rewardscope.service.engine import RewardEngine
+from rewardscope.service.images import ImageError, decode_array, decode_bytes, decode_npy
+from rewardscope.service.schemas import ScoreItem
+from rewardscope.service.settings import ServiceSettings
+from serving import TOKEN, server_tree
 
-from service.engine import RewardEngine
-from service.images import ImageError, decode_array, decode_bytes, decode_npy
-from service.schemas import ScoreItem
-from service.settings import ServiceSettings
-
-TOKEN = "hostile-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 BUS_PROMPT = "four people and a bus"
 
@@ -273,9 +271,8 @@ REFUSED: dict[str, WholeRequest] = {
 
 
 @pytest.fixture(scope="module")
-def server():
-    with running_server({"REWARDSCOPE_TOKEN": TOKEN}) as base_url:
-        yield base_url
+def server(token_server: str) -> str:
+    return token_server
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,7 @@ import pytest
 import torch
 import torchvision
 from oracles import brute_force_pmf
-
-from kernels import box_match, poisson_binomial
+from rewardscope.kernels.ops import box_match, poisson_binomial
 
 
 def loop_oracle(candidates, class_ids, requested, conf, iou, max_det):

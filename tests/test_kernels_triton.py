@@ -1,5 +1,5 @@
 """The Triton kernels (run on CPU in Triton's interpreter) against the torch reference, torchvision's NMS and
-hand-computed cases; and the backend dispatch in kernels/__init__.py."""
+hand-computed cases; and the backend dispatch in kernels/ops.py."""
 
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ import torchvision  # noqa: E402
 pytest.importorskip("triton")
 
 from oracles import brute_force_pmf  # noqa: E402
-
-import kernels  # noqa: E402
-from kernels import BoxMatch, LayoutMatch, reference  # noqa: E402
-from kernels.box_match import box_match as triton_box_match  # noqa: E402
-from kernels.layout_match import layout_match as triton_layout_match  # noqa: E402
+from rewardscope.kernels import ops as kernel_ops  # noqa: E402
+from rewardscope.kernels import reference  # noqa: E402
+from rewardscope.kernels.box_match import box_match as triton_box_match  # noqa: E402
+from rewardscope.kernels.layout_match import layout_match as triton_layout_match  # noqa: E402
+from rewardscope.kernels.ops import BoxMatch, LayoutMatch  # noqa: E402
 
 BOX_MATCH_BACKENDS = {"triton": triton_box_match, "reference": reference.box_match}
 LAYOUT_MATCH_BACKENDS = {"triton": triton_layout_match, "reference": reference.layout_match}
@@ -382,8 +382,8 @@ def calls(monkeypatch):
     monkeypatch.delenv("REWARDSCOPE_KERNELS", raising=False)
     for backend, module in [
         ("reference", reference),
-        ("triton", sys.modules["kernels.box_match"]),
-        ("triton", sys.modules["kernels.layout_match"]),
+        ("triton", sys.modules["rewardscope.kernels.box_match"]),
+        ("triton", sys.modules["rewardscope.kernels.layout_match"]),
     ]:
         for name in ("box_match", "layout_match"):
             if hasattr(module, name):
@@ -418,15 +418,15 @@ DISPATCH_CASES = {
 def test_dispatch_picks_the_backend(calls, monkeypatch, backend, environment, expected):
     if environment is not None:
         monkeypatch.setenv("REWARDSCOPE_KERNELS", environment)
-    kernels.box_match(*small_box_match_inputs(), backend=backend)
-    kernels.layout_match(*layout_inputs([(BOX, 0.9, 0)], [(BOX, 0)]), backend=backend)
+    kernel_ops.box_match(*small_box_match_inputs(), backend=backend)
+    kernel_ops.layout_match(*layout_inputs([(BOX, 0.9, 0)], [(BOX, 0)]), backend=backend)
     assert calls == [(expected, "box_match"), (expected, "layout_match")]
 
 
 def test_both_dispatched_backends_give_the_same_result(calls):
     inputs = small_box_match_inputs()
     assert_box_matches_agree(
-        kernels.box_match(*inputs, backend="triton"), kernels.box_match(*inputs, backend="reference")
+        kernel_ops.box_match(*inputs, backend="triton"), kernel_ops.box_match(*inputs, backend="reference")
     )
 
 
@@ -439,25 +439,28 @@ def test_dispatch_rejects_unknown_backends(calls, monkeypatch, backend, environm
     if environment is not None:
         monkeypatch.setenv("REWARDSCOPE_KERNELS", environment)
     with pytest.raises(ValueError, match="triton"):
-        kernels.box_match(*small_box_match_inputs(), backend=backend)
+        kernel_ops.box_match(*small_box_match_inputs(), backend=backend)
     assert calls == []
 
 
-@pytest.mark.parametrize("module", ["kernels.box_match", "kernels.layout_match"])
+@pytest.mark.parametrize("module", ["rewardscope.kernels.box_match", "rewardscope.kernels.layout_match"])
 def test_forced_triton_on_cpu_without_the_interpreter_raises_a_clear_error(monkeypatch, module):
     monkeypatch.setattr(sys.modules[module], "INTERPRETED", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        if module == "kernels.box_match":
-            kernels.box_match(*small_box_match_inputs(), backend="triton")
+        if module == "rewardscope.kernels.box_match":
+            kernel_ops.box_match(*small_box_match_inputs(), backend="triton")
         else:
-            kernels.layout_match(*layout_inputs([(BOX, 0.9, 0)], [(BOX, 0)]), backend="triton")
+            kernel_ops.layout_match(*layout_inputs([(BOX, 0.9, 0)], [(BOX, 0)]), backend="triton")
 
 
 def test_importing_the_triton_modules_keeps_the_dispatch_functions():
-    import kernels.box_match  # noqa: F401  (the import system would set the module as kernels.box_match)
+    # The Triton modules are submodules of rewardscope.kernels, not of ops: importing them never replaces the
+    # dispatch functions of the same names.
+    import rewardscope.kernels.box_match  # noqa: F401
+    import rewardscope.kernels.layout_match  # noqa: F401
 
-    assert callable(kernels.box_match) and kernels.box_match.__module__ == "kernels"
-    assert callable(kernels.layout_match) and kernels.layout_match.__module__ == "kernels"
+    assert callable(kernel_ops.box_match) and kernel_ops.box_match.__module__ == "rewardscope.kernels.ops"
+    assert callable(kernel_ops.layout_match) and kernel_ops.layout_match.__module__ == "rewardscope.kernels.ops"
 
 
 def test_interpreted_calls_from_threads_are_serialised_and_correct():
@@ -466,7 +469,7 @@ def test_interpreted_calls_from_threads_are_serialised_and_correct():
     results = [None] * len(inputs)
 
     def run(i):
-        results[i] = kernels.box_match(inputs[i], *slots, 0.05, backend="triton")
+        results[i] = kernel_ops.box_match(inputs[i], *slots, 0.05, backend="triton")
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(inputs))]
     for thread in threads:
@@ -480,5 +483,5 @@ def test_interpreted_calls_from_threads_are_serialised_and_correct():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_tensors_run_triton_by_default(calls):
     candidates, class_ids, requested = (t.cuda() for t in small_box_match_inputs())
-    kernels.box_match(candidates, class_ids, requested)
+    kernel_ops.box_match(candidates, class_ids, requested)
     assert calls == [("triton", "box_match")]

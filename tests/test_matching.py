@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from models.detection.matching import geneval_check, numeracy_score, relative_position, seed_score
-from models.detection.prompt import ObjectSpec, ParsedPrompt, Relation
+from rewardscope.models.detection.matching import geneval_check, numeracy_score, relative_position, seed_score
+from rewardscope.models.detection.prompt import ObjectSpec, ParsedPrompt, Relation
 
 
 def slots(*objects):

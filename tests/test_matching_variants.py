@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from oracles import brute_force_pmf
+from rewardscope.models.detection.matching import f1_score
+from rewardscope.models.types import Sample
 
-from models import create_reward
-from models.detection.matching import f1_score
-from models.types import Sample
+from rewardscope import create_reward
 
 
 def test_f1_score_uses_the_given_quantity_confidence():

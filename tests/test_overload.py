@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import httpx
 import numpy as np
 import pytest
+from rewardscope.service.settings import ServiceSettings
 from serving import ROOT, running_server
-
-from service.settings import ServiceSettings
 
 sys.path.insert(0, str(ROOT))
 from loadtests.soak import Outcome, closed_loop, items_scored, paced, score_body, send, totals_check  # noqa: E402

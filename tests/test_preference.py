@@ -7,18 +7,18 @@ import sys
 
 import numpy as np
 import pytest
+import rewardscope.models.clip as clip_runtime
 import torch
 from PIL import Image
+from rewardscope.models.clip import GENEVAL_COLORS, load_clip
+from rewardscope.models.detection.matching import geneval_check
+from rewardscope.models.detection.prompt import ObjectSpec, ParsedPrompt
+from rewardscope.models.hf import ModelNotFoundError
+from rewardscope.models.preference import MissingExtraError, load_weights
 from tiny_clip import make_aesthetic_head, make_tiny_clip, shared_tiny_clip
 from transformers import AutoProcessor, CLIPModel
 
-import models.clip as clip_runtime
-from models import Scorer, create_reward, list_rewards
-from models.clip import GENEVAL_COLORS, load_clip
-from models.detection.matching import geneval_check
-from models.detection.prompt import ObjectSpec, ParsedPrompt
-from models.hf import ModelNotFoundError
-from models.preference import MissingExtraError, load_weights
+from rewardscope import Scorer, create_reward, list_rewards
 
 PROMPTS = ["a bus on a street", "two men in suits", "an astronaut", "a cup of coffee"]
 

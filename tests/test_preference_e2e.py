@@ -9,12 +9,12 @@ import json
 
 import httpx
 import pytest
+from rewardscope.models.combine import combine
+from rewardscope.models.feedback import TrainConfig, train_feedback_reward
 from serving import running_server
 from tiny_clip import make_aesthetic_head, make_labelled_set, shared_tiny_clip
 
-from models import Scorer
-from models.combine import combine
-from models.feedback import TrainConfig, train_feedback_reward
+from rewardscope import Scorer
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["a bus on a street", "two men in suits"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 import pytest
 
-from models import Scorer
+from rewardscope import Scorer
 
 
 @pytest.fixture(scope="module")

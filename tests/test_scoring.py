@@ -7,9 +7,9 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
+from rewardscope.models.detection.matching import MatchingReward
 
-from models import Scorer, create_reward, list_rewards
-from models.detection.matching import MatchingReward
+from rewardscope import Scorer, create_reward, list_rewards
 
 
 @pytest.fixture(scope="module")
@@ -111,14 +111,14 @@ def test_weighted_total_combines_variants(bus):
 )
 def test_variants_on_the_bus_photo(bus, prompt, metadata, variant, expected):
     reward = create_reward("matching", variant=variant)
-    from models.types import Sample
+    from rewardscope.models.types import Sample
 
     (output,) = reward.score([Sample(bus, prompt, metadata)])
     assert output.value == expected
 
 
 def test_geneval_colour_prompts_are_unscorable_without_a_colour_model(bus):
-    from models.types import Sample
+    from rewardscope.models.types import Sample
 
     (output,) = create_reward("geneval").score([Sample(bus, "a photo of a yellow bus", None)])
     assert output.value is None and "colour" in output.error

@@ -202,9 +202,8 @@ def child(report_path: str) -> None:
     import conftest  # noqa: F401  offline environment, as for the tests
     from _bentoml_impl.tasks.result import Sqlite3Store
     from bentoml._internal.configuration.containers import BentoMLContainer
+    from rewardscope.service.app import RewardService
     from starlette.testclient import TestClient
-
-    from service.app import RewardService
 
     Sqlite3Store.init_db(BentoMLContainer.result_store_file.get())  # `bentoml serve` does this before workers
     bus = conftest.ultralytics_asset("bus.jpg").read_bytes()
@@ -735,10 +734,9 @@ def clip_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def test_a_model_directory_with_only_pytorch_model_bin_is_refused(clip_dirs):
     import torch
+    from rewardscope.models.clip import ClipBackbone
+    from rewardscope.models.hf import ModelNotFoundError, load_pretrained, resolve_model
     from transformers import AutoProcessor, CLIPModel
-
-    from models.clip import ClipBackbone
-    from models.hf import ModelNotFoundError, load_pretrained, resolve_model
 
     safe, pickled = clip_dirs
     for load in (
@@ -754,7 +752,7 @@ def test_a_model_directory_with_only_pytorch_model_bin_is_refused(clip_dirs):
 
 
 def test_hub_downloads_never_fetch_pickled_weights():
-    from models.hf import HUB_PATTERNS
+    from rewardscope.models.hf import HUB_PATTERNS
 
     for name in ("pytorch_model.bin", "model.pt", "weights.pth", "model.ckpt", "open_clip_pytorch_model.bin"):
         assert not any(fnmatch.fnmatch(name, pattern) for pattern in HUB_PATTERNS), name

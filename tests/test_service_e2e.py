@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ import pytest
 from PIL import Image
 from serving import ROOT, running_server
 
-from models import Scorer
+from rewardscope import Scorer
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-token-123"
@@ -277,7 +278,7 @@ def test_a_corrupted_golden_expectation_keeps_the_service_not_ready(tmp_path):
 def test_the_service_refuses_remote_listening_without_a_token():
     env = {key: value for key, value in os.environ.items() if key != "REWARDSCOPE_TOKEN"}
     result = subprocess.run(
-        [sys.executable, "-m", "service.cli", "serve", "--host", "0.0.0.0", "--port", "1"],
+        [sys.executable, "-m", "rewardscope.service.cli", "serve", "--host", "0.0.0.0", "--port", "1"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -287,16 +288,32 @@ def test_the_service_refuses_remote_listening_without_a_token():
 
 
 def test_bentoml_build_accepts_the_bentofile(tmp_path):
+    # What `make bento` does, in a copy of the build context: build the wheel the bentofile names, then the Bento.
+    context = tmp_path / "context"
+    (context / "service").mkdir(parents=True)
+    for name in ("bentofile.yaml", "README.md", "requirements.lock", "service/bento_setup.sh"):
+        shutil.copy2(ROOT / name, context / name)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(context / "dist")]
+        + [str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
     bentoml = Path(sys.executable).with_name("bentoml")
     result = subprocess.run(
-        [str(bentoml), "build", "--output", "tag"],
-        cwd=ROOT,
+        [str(bentoml), "build", "--output", "tag", str(context)],
+        cwd=context,
         capture_output=True,
         text=True,
-        env={**os.environ, "BENTOML_HOME": str(tmp_path), "BENTOML_DO_NOT_TRACK": "true"},
+        env={**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "true"},
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "rewardscope:" in result.stdout
+    (bento,) = (tmp_path / "home" / "bentos" / "rewardscope").glob("*/")
+    wheels = [path.name for path in (bento / "env" / "python" / "wheels").glob("rewardscope-*.whl")]
+    assert wheels == ["rewardscope-0.2.0-py3-none-any.whl"]
+    requirements = (bento / "env" / "python" / "requirements.txt").read_text()
+    assert "transformers==" in requirements and "torch==2.14.1" in requirements
 
 
 def test_multipart_upload_scores_like_json(http, bus_path, zidane):

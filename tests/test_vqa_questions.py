@@ -4,9 +4,8 @@ relation) plus the whole-prompt question, without any language model."""
 from __future__ import annotations
 
 import pytest
-
-from models.detection.prompt import parse_prompt
-from models.vqa import Question, generate_questions, prompt_question
+from rewardscope.models.detection.prompt import parse_prompt
+from rewardscope.models.vqa import Question, generate_questions, prompt_question
 
 CASES = [
     # counting

@@ -65,9 +65,8 @@ def make_tiny_clip(
 
 def make_aesthetic_head(path: Path, input_size: int, seed: int = 0) -> Path:
     """Random weights for the LAION aesthetic MLP, as safetensors or (suffix .pth) a torch state dict."""
+    from rewardscope.models.preference import AestheticMLP
     from safetensors.torch import save_file
-
-    from models.preference import AestheticMLP
 
     torch.manual_seed(seed)
     state = {key: value.contiguous() for key, value in AestheticMLP(input_size).state_dict().items()}

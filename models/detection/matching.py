@@ -12,8 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
-
-import kernels
+from rewardscope.kernels import ops as kernel_ops
 
 from ..registry import register_reward
 from ..types import RewardOutput, Sample
@@ -315,7 +314,7 @@ class MatchingReward:
         for row, plan in enumerate(plans):
             class_ids[row, : len(plan.class_ids)] = torch.tensor(plan.class_ids)
             requested[row, : len(plan.requested)] = torch.tensor(plan.requested)
-        match = kernels.box_match(
+        match = kernel_ops.box_match(
             candidates,
             class_ids,
             requested,
@@ -391,7 +390,7 @@ class MatchingReward:
             colors.setdefault(row, {}).setdefault(index, []).append(color)
         return colors
 
-    def _layout(self, match: kernels.BoxMatch, plans: list[_Plan]) -> kernels.LayoutMatch:
+    def _layout(self, match: kernel_ops.BoxMatch, plans: list[_Plan]) -> kernel_ops.LayoutMatch:
         width = max(len(plan.targets or []) for plan in plans)
         target_boxes = torch.zeros((len(plans), width, 4), dtype=match.keep_boxes.dtype)
         target_classes = torch.full((len(plans), width), -1, dtype=torch.int64)
@@ -399,7 +398,7 @@ class MatchingReward:
             for index, (class_id, box) in enumerate(plan.targets or []):
                 target_boxes[row, index] = torch.tensor(box)
                 target_classes[row, index] = class_id
-        return kernels.layout_match(
+        return kernel_ops.layout_match(
             match.keep_boxes,
             match.keep_scores,
             match.keep_classes,

@@ -13,7 +13,6 @@ import contextlib
 import importlib
 import importlib.util
 import os
-import sys
 import threading
 import types
 
@@ -33,9 +32,9 @@ _IMPORT_LOCK = threading.Lock()
 
 
 def _triton_module(name: str) -> types.ModuleType:
-    """kernels.box_match / kernels.layout_match, imported on first use (defining kernels reads TRITON_INTERPRET)."""
+    """rewardscope.kernels.box_match / .layout_match, imported on first use (defining them reads TRITON_INTERPRET)."""
     with _IMPORT_LOCK:
-        return importlib.import_module(f"{__name__}.{name}")
+        return importlib.import_module(f"{__package__}.{name}")
 
 
 def _triton_installed() -> bool:
@@ -80,7 +79,7 @@ def box_match(
     requested [B, K] int64: requested count per slot (ignored for padding).
     backend: "triton" | "reference" | "auto" | None (None: REWARDSCOPE_KERNELS, else auto; auto: CUDA tensors
     -> triton, others -> reference).
-    See kernels.reference.box_match for the outputs; both backends return the same kept detections.
+    See rewardscope.kernels.reference.box_match for the outputs; both backends return the same kept detections.
     """
     args = (candidates, class_ids, requested, conf_threshold, iou_threshold, max_detections, pre_nms_topk)
     if resolve_backend(backend, candidates) == "triton":
@@ -102,23 +101,9 @@ def layout_match(
 
     det_boxes [B, M, 4], det_scores [B, M], det_classes [B, M] int64 (-1 padding);
     target_boxes [B, T, 4], target_classes [B, T] int64 (-1 padding).
-    backend: as for box_match. The matching rule is in kernels.reference.layout_match's docstring.
+    backend: as for box_match. The matching rule is in rewardscope.kernels.reference.layout_match's docstring.
     """
     args = (det_boxes, det_scores, det_classes, target_boxes, target_classes, iou_threshold)
     if resolve_backend(backend, det_boxes) == "triton":
         return _run_triton("layout_match", *args)
     return reference.layout_match(*args)
-
-
-class _KernelsPackage(types.ModuleType):
-    """Python sets each imported submodule as an attribute of its package, so importing the Triton module
-    kernels.box_match would replace the box_match function above with the module. This keeps the functions;
-    the modules stay importable with `from kernels.box_match import ...` (which reads sys.modules)."""
-
-    def __setattr__(self, name: str, value: object) -> None:
-        if name in ("box_match", "layout_match") and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _KernelsPackage

@@ -1,1 +1,0 @@
-"""Detection matching: prompt parsing, ONNX detector runtime, export and the matching score."""
