@@ -113,7 +113,15 @@ def cmd_score_folder(args: argparse.Namespace) -> int:
         if args.engine == "ray":
             config = _reward_config(weights, args.variant)
             stats = folders.score_items_ray(
-                items, weights, config, out_dir, args.batch_size, args.ray_actors, args.ray_gpus, args.ray_address
+                items,
+                weights,
+                config,
+                out_dir,
+                args.batch_size,
+                args.ray_actors,
+                args.ray_gpus,
+                args.ray_address,
+                on_batch=advance,
             )
         else:
             assert backend is not None

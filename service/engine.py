@@ -22,7 +22,7 @@ from rewardscope.models.scorer import Scorer
 from rewardscope.models.types import ScoreResult
 
 from . import metrics
-from .images import ImageError, ImageLimits, decode_base64, decode_npy, load_image
+from .images import ImageError, ImageLimits, decode_base64, decode_npy, decoded_bytes, load_image
 from .schemas import (
     ImageInput,
     ItemResult,
@@ -134,19 +134,29 @@ class RewardEngine:
     # -- Items -------------------------------------------------------------------------------------------
     def _image(self, item: ImageInput, rewards: Sequence[str]) -> Any:
         """Transport decoding (base64, .npy), then the one image decoder (service.images.load_image) ahead of the
-        model thread. Bytes that fail to decode are handed on unchanged, so the Scorer reports them per item exactly
-        as it reports any image it cannot read."""
+        model thread. An image that fails to decode fails its item here (ImageError), decoded once, not again by
+        the Scorer."""
         if item.image is not None:
             source = decode_base64(item.image, self.limits)
         else:
             source = decode_npy(decode_base64(item.array or "", self.limits), self.limits)
-        try:
-            image = load_image(source, self.limits)
-        except ImageError:
-            return source
+        image = load_image(source, self.limits)
         for prepare in self._letterbox_hooks(rewards):
             prepare(image)
         return image
+
+    def decoded_sizes(self, items: Sequence[ImageInput]) -> list[int]:
+        """Each item's decoded RGB bytes, from its image header (0 where the transport or header is unreadable: such
+        an item fails in prepare without decoding). What the decoded-pixel budget counts, before decoding."""
+        sizes = []
+        for item in items:
+            try:
+                data = decode_base64(item.image if item.image is not None else item.array or "", self.limits)
+            except ImageError:
+                sizes.append(0)
+                continue
+            sizes.append(decoded_bytes(data, npy=item.image is None))
+        return sizes
 
     def _prepare_one(self, item: ScoreItem, variant: str | None, endpoint: str) -> Prepared:
         profile = item.profile or self.settings.profile

@@ -242,6 +242,25 @@ class RunStats:
     interrupted: bool = False
 
 
+def _write_rows(
+    writer: ResultsWriter,
+    stats: RunStats,
+    batch: Sequence[FolderItem],
+    results: Sequence[dict[str, Any]],
+    on_batch: Callable[[int], None] | None,
+) -> None:
+    """One scored batch -> rows (item fields + result), appended and fsync'd; counted in stats."""
+    rows = [
+        {"key": i.key, "file": str(i.path), "prompt": i.prompt, "tag": i.tag, "group": i.group, **result}
+        for i, result in zip(batch, results, strict=True)
+    ]
+    writer.write(rows)
+    stats.scored += len(rows)
+    stats.errors += sum(row["error"] is not None for row in rows)
+    if on_batch:
+        on_batch(len(rows))
+
+
 def score_items(
     items: Sequence[FolderItem],
     backend: Backend,
@@ -265,15 +284,7 @@ def score_items(
     gc.freeze()
 
     def write(batch: list[FolderItem], results: list[dict[str, Any]]) -> None:
-        rows = [
-            {"key": i.key, "file": str(i.path), "prompt": i.prompt, "tag": i.tag, "group": i.group, **result}
-            for i, result in zip(batch, results, strict=True)
-        ]
-        writer.write(rows)
-        stats.scored += len(rows)
-        stats.errors += sum(row["error"] is not None for row in rows)
-        if on_batch:
-            on_batch(len(rows))
+        _write_rows(writer, stats, batch, results, on_batch)
 
     with (
         ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode") as pool,
@@ -400,9 +411,11 @@ def score_items_ray(
     actors: int = 1,
     gpus_per_actor: float = 0,
     address: str | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> RunStats:
     """The same rows through Ray Data: read the item list, map_batches the Scorer in an actor pool (each actor
-    loads the models once), collect and write them with the same resumable writer. address: an existing
+    loads the models once), and stream each finished batch, in item order, into the same resumable writer as the
+    local engine, so a killed run loses at most the batches in flight and resumes by key. address: an existing
     cluster ("auto" or ray://...), else a local instance."""
     import ray
     from rewardscope.models.scorer import Scorer
@@ -416,6 +429,8 @@ def score_items_ray(
     started = time.perf_counter()
     if not ray.is_initialized():
         ray.init(address=address, num_cpus=None if address else os.cpu_count(), include_dashboard=False)
+    # Batches come back in the order of the item list (the rows stay comparable with the local engine's).
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
 
     class ScoreActor:
         def __init__(self) -> None:
@@ -435,18 +450,18 @@ def score_items_ray(
         }
         for i in todo
     ]
-    scored = (
-        ray.data.from_items(records)
-        .map_batches(ScoreActor, batch_size=batch_size, concurrency=actors, num_gpus=gpus_per_actor)
-        .take_all()
+    by_key = {item.key: item for item in todo}
+    scored = ray.data.from_items(records).map_batches(
+        ScoreActor, batch_size=batch_size, concurrency=actors, num_gpus=gpus_per_actor
     )
-    by_key = {record["key"]: json.loads(record["result"]) for record in scored}
-    rows = [
-        {"key": i.key, "file": str(i.path), "prompt": i.prompt, "tag": i.tag, "group": i.group, **by_key[i.key]}
-        for i in todo
-    ]
-    writer.write(rows)
-    writer.close()
-    stats.scored, stats.errors = len(rows), sum(row["error"] is not None for row in rows)
+    try:
+        for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+            keys = [str(key) for key in batch["key"]]
+            results = [json.loads(str(text)) for text in batch["result"]]
+            _write_rows(writer, stats, [by_key[key] for key in keys], results, on_batch)
+    except KeyboardInterrupt:
+        stats.interrupted = True
+    finally:
+        writer.close()
     stats.seconds = time.perf_counter() - started
     return stats

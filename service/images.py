@@ -208,6 +208,27 @@ def decode_npy(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image
     return decode_array(read_npy(data, limits, lambda shape, dtype: _check_image_header(shape, dtype, limits)), limits)
 
 
+def decoded_bytes(data: bytes, npy: bool = False) -> int:
+    """The bytes `data` will hold once decoded to RGB (width x height x 3), read from its header alone: what the
+    service's decoded-pixel budget counts before anything is decoded. 0 for data whose header cannot be read (the
+    decoder then refuses it without decoding). npy: `data` is a .npy file."""
+    try:
+        if npy:
+            stream = io.BytesIO(data)
+            version = np.lib.format.read_magic(stream)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            shape = read_header(stream)[0]
+            height, width = (int(shape[0]), int(shape[1])) if len(shape) >= 2 else (0, 0)
+        else:
+            with _pil_open()(io.BytesIO(data), formats=list(ALLOWED_FORMATS)) as image:
+                width, height = image.size
+    except Exception:  # unreadable headers of any kind: the decoder reports them per item
+        return 0
+    return max(0, width) * max(0, height) * 3
+
+
 def decode_base64(text: str, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
     """Strict base64 -> bytes, refusing input whose decoded size would pass the byte limit."""
     if len(text) * 3 // 4 > limits.max_bytes + 3:

@@ -50,6 +50,26 @@ GC_PAUSE = Histogram(
 MODEL_LOAD = Gauge(
     "rewardscope_model_load_seconds", "Seconds to load a Scorer's models", ["rewards"], registry=REGISTRY
 )
+REFUSALS = Counter(
+    "rewardscope_refusals_total",
+    "Requests refused before scoring, by reason (inflight, latency_budget, receiving, stalled, too_large, ...)",
+    ["reason"],
+    registry=REGISTRY,
+)
+DECODED_BYTES = Gauge(
+    "rewardscope_decoded_bytes_in_flight",
+    "Decoded image bytes (from headers) held by accepted requests: decoding, queued or being scored",
+    registry=REGISTRY,
+)
+JOBS_QUEUED = Gauge("rewardscope_jobs_queued", "Background jobs pending or running", registry=REGISTRY)
+JOBS_STORED_BYTES = Gauge(
+    "rewardscope_jobs_stored_bytes",
+    "Bytes the job store holds: inputs of queued jobs, results of finished ones",
+    registry=REGISTRY,
+)
+DRAINING = Gauge(
+    "rewardscope_draining", "1 once SIGTERM was received: refusing new work, finishing the rest", registry=REGISTRY
+)
 GOLDEN_OK = Gauge("rewardscope_golden_check_ok", "1 when the start-up golden check passed", registry=REGISTRY)
 
 

@@ -34,6 +34,14 @@ class ServiceSettings(BaseModel):
     max_latency_ms: int = 20000
     # Items decoded ahead of the model thread (bounds the decoded pixels held); requests beyond wait to decode.
     max_ahead_items: int = 256
+    # Decoded bytes (width x height x 3 per image, read from its header before decoding) held at once by all requests,
+    # and by one request: a request over the second is decoded and scored in slices. Memory follows pixels, not items.
+    max_ahead_bytes: int = 1536 * 1024 * 1024
+    max_request_decoded_bytes: int = 512 * 1024 * 1024
+    # A POST body that sends no byte for this long ends with 408; bodies being received hold at most
+    # max_receiving_bytes (declared Content-Length) between them. Neither holds an in-flight slot.
+    body_idle_timeout_s: float = 5.0
+    max_receiving_bytes: int = 512 * 1024 * 1024
     max_items: int = 256
     max_request_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 40_000_000
@@ -50,6 +58,14 @@ class ServiceSettings(BaseModel):
     # is as fast under load as 2 workers were, and a lone request still gets both cores (benchmarks/RESULTS.md).
     workers: int = 1
     timeout_s: int = 300
+    # On SIGTERM: stop admitting (503 + Retry-After, /readyz not ready), let requests in flight finish for at most
+    # this long, requeue the running job, then exit. Below the process manager's 30 s grace before SIGKILL.
+    drain_s: float = 20.0
+    # Background jobs: a durable queue (SQLite) in jobs_dir; None: $BENTOML_HOME/rewardscope-jobs.
+    jobs_dir: Path | None = None
+    max_queued_jobs: int = 16
+    max_job_store_bytes: int = 1024 * 1024 * 1024
+    job_retention_s: float = 24 * 3600.0
     # gc.freeze() after start-up: the models and libraries loaded then are never rescanned by full collections.
     gc_freeze: bool = True
     token: str | None = Field(default=None, description="bearer token; required for non-loopback listening")
@@ -77,6 +93,13 @@ class ServiceSettings(BaseModel):
         if settings.profile not in PROFILES:
             raise ValueError(f"unknown profile {settings.profile!r}; choose from {', '.join(PROFILES)}")
         return settings
+
+    def jobs_path(self) -> Path:
+        """The job database's file."""
+        if self.jobs_dir is not None:
+            return self.jobs_dir / "jobs.sqlite3"
+        home = os.environ.get("BENTOML_HOME") or str(Path.home() / "bentoml")
+        return Path(home) / "rewardscope-jobs" / "jobs.sqlite3"
 
     def reward_config(self, rewards: list[str], profile: str) -> dict[str, dict[str, Any]]:
         """Per-reward keyword config for a Scorer: the profile's thresholds for the matching family."""

@@ -32,8 +32,8 @@ def serving_process(
     command: list[str], port: int, env: dict[str, str], probe: str, name: str, timeout: float = 180
 ) -> Iterator[str]:
     """Start `command` (a server listening on 127.0.0.1:port) in its own session, wait until GET probe answers 200,
-    yield the base URL, then stop the whole process group (SIGTERM, SIGKILL after 20 s). The server's log is kept
-    (its path in /tmp) only when something failed."""
+    yield the base URL, then stop it (SIGTERM: the service drains; SIGKILL after 40 s) and any worker left. The
+    server's log is kept (its path in /tmp) only when something failed."""
     log = tempfile.NamedTemporaryFile(prefix=f"rewardscope-{name}-", suffix=".log", delete=False)
     failed = True
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -52,13 +52,21 @@ def serving_process(
         yield base_url
         failed = False
     finally:
+        # BentoML's workers run in sessions of their own: collected now, so none outlives the test.
+        children: list[psutil.Process] = []
+        with contextlib.suppress(psutil.Error):
+            children = psutil.Process(process.pid).children(recursive=True)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(timeout=20)
+            process.wait(timeout=40)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        _, alive = psutil.wait_procs(children, timeout=10)
+        for child in alive:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
         log.close()
         if not failed:
             Path(log.name).unlink(missing_ok=True)

@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 
 import pytest
-from rewardscope.service.batching import Batcher, ItemBudget, Overloaded
+from rewardscope.service.batching import Batcher, Budget, Overloaded
 
 
 class Model:
@@ -117,27 +117,38 @@ def test_a_failing_batch_is_retried_request_by_request_so_only_the_bad_request_f
     batcher.shutdown()
 
 
-def test_a_request_that_cannot_finish_within_the_latency_budget_is_refused_at_once():
+def test_a_request_is_refused_at_once_while_the_work_ahead_exceeds_the_latency_budget():
     model = Model()
     batcher = Batcher(model, max_batch_size=8, max_latency_s=1.0)
-    batcher.item_seconds = 0.1  # as if measured: 10 items fill the budget
+    batcher.item_seconds = 0.1  # as if measured: 10 items ahead fill the budget
 
     async def scenario():
         first = asyncio.create_task(batcher.submit(["a"] * 6, prepared))
         await until(lambda: len(model.batches) == 1)
-        fits = asyncio.create_task(batcher.submit(["b"] * 4, prepared))  # 6 + 4 items: 1.0 s, within budget
-        await until(lambda: batcher.queued_items == 4)
-        with pytest.raises(Overloaded, match="latency budget"):
-            await batcher.submit(["c"], prepared)  # the 11th item: refused without queueing
-        assert batcher.queued_items == 4
+        fits = asyncio.create_task(batcher.submit(["b"] * 5, prepared))  # 6 ahead: 0.6 s, within budget
+        await until(lambda: batcher.queued_items == 5)
+        with pytest.raises(Overloaded, match="latency budget") as refused:
+            await batcher.submit(["c"], prepared)  # 11 items ahead: 1.1 s; refused without queueing
+        assert refused.value.retry_after_s == 1  # the queue is back within the budget after ~0.1 s
+        assert batcher.queued_items == 5
         for event in model.release:
             event.set()
         return await first, await fits
 
     first, fits = asyncio.run(scenario())
-    assert len(first) == 6 and len(fits) == 4
-    assert [len(batch) for batch in model.batches] == [6, 4]
+    assert len(first) == 6 and len(fits) == 5
+    assert [len(batch) for batch in model.batches] == [6, 5]
     assert batcher.item_seconds is not None and batcher.item_seconds < 0.1  # re-measured from the real batches
+    batcher.shutdown()
+
+
+def test_a_lone_request_is_served_whatever_its_own_size():
+    # The budget governs queueing behind other work: 256 items at 0.1 s each (25.6 s) on an idle service are
+    # served, and Retry-After never invites a retry that could not succeed.
+    batcher = Batcher(lambda items: [item.upper() for item in items], max_batch_size=64, max_latency_s=1.0)
+    batcher.item_seconds = 0.1
+    raw = [f"i{k}" for k in range(256)]
+    assert asyncio.run(batcher.submit(raw, prepared)) == [f"I{k}!" for k in range(256)]
     batcher.shutdown()
 
 
@@ -189,7 +200,7 @@ def test_decoding_ahead_of_the_model_is_bounded_in_items_and_first_come_first_se
 
 
 def test_the_item_budget_grants_an_oversized_request_when_nothing_else_is_held():
-    budget = ItemBudget(4)
+    budget = Budget(4)
 
     async def scenario():
         await budget.acquire(3)
@@ -265,17 +276,88 @@ def test_a_request_larger_than_the_decode_ahead_budget_is_decoded_and_scored_in_
 def test_a_background_job_waits_past_the_latency_budget_instead_of_being_refused():
     model = Model()
     batcher = Batcher(model, max_batch_size=8, max_latency_s=1.0)
-    batcher.item_seconds = 0.5  # as if measured: 2 items fill the budget
+    batcher.item_seconds = 1.5  # as if measured: the one item running fills the budget
 
     async def scenario():
         first = await occupy(batcher, model)
         with pytest.raises(Overloaded):
             await batcher.submit(["x", "y"], prepared)
-        job = asyncio.create_task(batcher.submit(["x", "y"], prepared, wait=True))
+        job = asyncio.create_task(batcher.submit(["x", "y"], prepared, background=True))
         await until(lambda: batcher.queued_items == 2)
         for event in model.release:
             event.set()
         return await first, await job
 
     assert asyncio.run(scenario()) == (["A!"], ["X!", "Y!"])
+    batcher.shutdown()
+
+
+def test_background_work_runs_only_when_no_interactive_request_is_queued_and_never_counts_against_the_budget():
+    model = Model()
+    batcher = Batcher(model, max_batch_size=8, max_latency_s=1.0)
+    batcher.item_seconds = 0.1
+
+    async def scenario():
+        first = await occupy(batcher, model)
+        job = asyncio.create_task(batcher.submit(["j"] * 30, prepared, background=True))
+        await until(lambda: batcher.queued_items == 30)
+        assert batcher.items_ahead() == 1 and batcher.over_budget() is None  # 30 queued job items: not counted
+        (interactive,) = await queue_in_order(batcher, [["i"]])
+        for event in model.release:
+            event.set()
+        return await first, await interactive, await job
+
+    first, interactive, job = asyncio.run(scenario())
+    assert interactive == ["I!"] and job == ["J!"] * 30
+    assert model.batches[1] == ["i!"]  # queued after the job, scored before it
+    batcher.shutdown()
+
+
+def test_decoded_bytes_slice_a_request_and_bound_what_all_requests_hold():
+    slices: list[list[str]] = []
+    held: list[int] = []
+
+    def prepare(raw: Sequence[str]) -> list[str]:
+        slices.append(list(raw))
+        held.append(batcher.ahead_bytes.held)
+        return prepared(raw)
+
+    sizes = {"big": 120, "small": 10, "huge": 1000}
+    batcher = Batcher(
+        lambda items: [item.upper() for item in items],
+        max_batch_size=64,
+        max_latency_s=60,
+        max_ahead_bytes=400,
+        max_request_bytes=250,
+    )
+    raw = ["big", "big", "small", "big", "huge", "small"]
+    answers = asyncio.run(batcher.submit(raw, prepare, lambda items: [sizes[item] for item in items]))
+    assert answers == [f"{item.upper()}!" for item in raw]
+    # within 250 bytes per slice; an item over the budget alone is a slice of its own, granted with nothing held
+    assert slices == [["big", "big", "small"], ["big"], ["huge"], ["small"]]
+    assert held == [250, 120, 1000, 10]
+    assert batcher.ahead_bytes.held == 0
+    batcher.shutdown()
+
+
+def test_requests_wait_first_come_first_served_for_decoded_bytes_held_by_others():
+    model = Model()
+    sizes = {"a": 300, "b": 300, "c": 50}
+    batcher = Batcher(model, max_batch_size=8, max_latency_s=60, max_ahead_bytes=400)
+    cost = lambda items: [sizes[item] for item in items]  # noqa: E731
+
+    async def scenario():
+        first = asyncio.create_task(batcher.submit(["a"], prepared, cost))
+        await until(lambda: len(model.batches) == 1)
+        second = asyncio.create_task(batcher.submit(["b"], prepared, cost))  # 300 + 300 > 400: waits
+        await until(lambda: batcher.ahead_bytes.waiting == 300)
+        third = asyncio.create_task(batcher.submit(["c"], prepared, cost))  # would fit, but waits behind b
+        await until(lambda: batcher.ahead_bytes.waiting == 350)
+        assert batcher.ahead_bytes.held == 300 and batcher.queued_items == 0
+        for event in model.release:
+            event.set()
+        return await first, await second, await third
+
+    assert asyncio.run(scenario()) == (["A!"], ["B!"], ["C!"])
+    assert batcher.ahead_bytes.held == 0
     batcher.shutdown()

@@ -139,7 +139,13 @@ def test_bad_files_are_reported_per_row_and_the_run_goes_on(tmp_path, assets):
         assert rows[key]["rewards"]["matching"] is None and rows[key]["error_code"] == code, rows[key]
 
 
-def test_a_killed_run_resumes_to_exactly_the_uninterrupted_rows(tmp_path, assets):
+@pytest.mark.parametrize(
+    "engine",
+    ["local", pytest.param("ray", marks=pytest.mark.slow)],
+)
+def test_a_killed_run_resumes_to_exactly_the_uninterrupted_rows(tmp_path, assets, engine):
+    if engine == "ray":
+        pytest.importorskip("ray")
     flat = tmp_path / "flat"
     flat.mkdir()
     for index in range(24):
@@ -151,8 +157,10 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_rows(tmp_path, assets
         "score",
         str(flat),
         "--batch-size",
-        "4",
+        "4" if engine == "local" else "2",
         "--no-progress",
+        "--engine",
+        engine,
     ]
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     process = subprocess.Popen([*command, "--out", str(killed)], cwd=ROOT, start_new_session=True)

@@ -342,15 +342,15 @@ class FuzzTally:
                 self.submitted.append(str(payload.get("task_id")))
 
     def follow_jobs(self, base_url: str, timeout_s: float = 120) -> None:
-        """Ask for the status and result of every task the fuzz submitted. BentoML's task endpoints validate a body
-        only when the task runs (submit answers 200 to any body), so a bad submission's answer comes from `get`."""
+        """Ask for the status and result of every task the fuzz submitted (each ends success or failure; a failure's
+        `get` is a 409 naming the reason, never a 5xx)."""
         deadline = time.monotonic() + timeout_s
         with httpx.Client(base_url=base_url, headers=AUTH, timeout=60) as client:
             for task_id in self.submitted:
                 query = {"task_id": task_id}
                 try:
                     status = client.get("/jobs/score/status", params=query)
-                    while status.status_code == 200 and status.json().get("status") == "in_progress":
+                    while status.status_code == 200 and status.json().get("status") in ("pending", "in_progress"):
                         if time.monotonic() > deadline:
                             break
                         time.sleep(0.2)

@@ -315,7 +315,6 @@ def hostile_requests(bus: bytes, image_path: Path, inventory: dict[str, set[str]
             },
             "expect": "answered",
         },
-        {"name": "job-sync", "method": "POST", "path": "/jobs/score", "json": {"items": items}, "expect": refused},
         {
             "name": "job-submit",
             "method": "POST",
@@ -428,8 +427,8 @@ def send(client: Any, request: dict[str, Any], auth: dict[str, str]) -> dict[str
     if request.get("poll") and response.status_code == 200:
         task_id = response.json()["task_id"]
         deadline = time.monotonic() + 60
-        status = "in_progress"
-        while status == "in_progress" and time.monotonic() < deadline:
+        status = "pending"
+        while status in ("pending", "in_progress") and time.monotonic() < deadline:
             time.sleep(0.2)
             status = client.get(f"/jobs/score/status?task_id={task_id}", headers=auth).json()["status"]
         answer["job_status"] = status

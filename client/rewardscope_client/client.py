@@ -40,6 +40,7 @@ DEFAULT_URL = "http://127.0.0.1:3000"
 # Below the service's default 64 MiB request limit, with room for JSON overhead.
 DEFAULT_MAX_REQUEST_BYTES = 48 * 1024 * 1024
 JOB_SUBMIT, JOB_STATUS, JOB_GET = "/jobs/score/submit", "/jobs/score/status", "/jobs/score/get"
+JOB_CANCEL, JOB_DELETE = "/jobs/score/cancel", "/jobs/score"
 
 Images = Any  # a sequence of images or a batched array/tensor: see images.split_images
 Metadata = Sequence[Mapping[str, Any] | None] | None
@@ -361,8 +362,16 @@ class RewardClient(_ClientBase):
         return str(answer["task_id"])
 
     def status(self, task_id: str) -> str:
-        """The job's status as the server names it (BentoML: pending, in_progress, completed, failed, canceled)."""
+        """The job's status as the server names it (pending, in_progress, success, failure, cancelled)."""
         return str(_json(self._request("GET", JOB_STATUS, params={"task_id": task_id}), JOB_STATUS)["status"])
+
+    def cancel(self, task_id: str) -> str:
+        """Cancel a queued or running job; returns its status afterwards."""
+        return str(_json(self._request("PUT", JOB_CANCEL, params={"task_id": task_id}), JOB_CANCEL)["status"])
+
+    def delete(self, task_id: str) -> None:
+        """Forget a job and its stored input or result (a running one stops)."""
+        self._request("DELETE", JOB_DELETE, params={"task_id": task_id})
 
     def result(self, task_id: str, wait: bool = True, poll: float = 0.5, timeout: float | None = None) -> ScoreBatch:
         """The job's ScoreBatch. wait: poll every `poll` s until it finishes (TimeoutError after `timeout` s);
@@ -567,6 +576,13 @@ class AsyncRewardClient(_ClientBase):
     async def status(self, task_id: str) -> str:
         answer = _json(await self._request("GET", JOB_STATUS, params={"task_id": task_id}), JOB_STATUS)
         return str(answer["status"])
+
+    async def cancel(self, task_id: str) -> str:
+        answer = _json(await self._request("PUT", JOB_CANCEL, params={"task_id": task_id}), JOB_CANCEL)
+        return str(answer["status"])
+
+    async def delete(self, task_id: str) -> None:
+        await self._request("DELETE", JOB_DELETE, params={"task_id": task_id})
 
     async def result(
         self, task_id: str, wait: bool = True, poll: float = 0.5, timeout: float | None = None
