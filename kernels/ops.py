@@ -32,9 +32,9 @@ _IMPORT_LOCK = threading.Lock()
 
 
 def _triton_module(name: str) -> types.ModuleType:
-    """rewardscope.kernels.box_match / .layout_match, imported on first use (defining them reads TRITON_INTERPRET)."""
+    """rewardscope.kernels.triton.<name>, imported on first use (defining its kernels reads TRITON_INTERPRET)."""
     with _IMPORT_LOCK:
-        return importlib.import_module(f"{__package__}.{name}")
+        return importlib.import_module(f"{__package__}.triton.{name}")
 
 
 def _triton_installed() -> bool:

@@ -18,8 +18,8 @@ from typing import Any
 
 from flask import Flask, jsonify, request
 from gunicorn.app.base import BaseApplication
+from rewardscope.models.images import ImageError, ImageLimits, decode_base64, decode_npy
 from rewardscope.models.types import ScoreResult
-from rewardscope.service.images import ImageError, ImageLimits, decode_base64, decode_npy
 from rewardscope.service.settings import ServiceSettings
 
 from rewardscope import Scorer
@@ -39,8 +39,9 @@ def create_app(settings: ServiceSettings | None = None) -> Flask:
     limits = ImageLimits(max_pixels=settings.max_pixels)
     scorer = Scorer(
         {name: 1.0 for name in settings.rewards},
-        config=settings.reward_config(settings.rewards, settings.profile),
+        config=settings.reward_config(settings.rewards),
         image_limits=limits,
+        profile=settings.profile,
     )
     versions = scorer.versions()
     app = Flask(__name__)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from .hf import PRECISION, ModelSource, choose_device, choose_dtype, load_pretrained, model_class, resolve_model
-from .registry import register_reward
+from .registry import RewardDeclaration, register_reward
 from .types import RewardOutput, Sample
 
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-large"
@@ -203,9 +203,6 @@ class CaptionReward:
                 "prompt_cache_size": self.embedder.cache_size,
             },
             "precision": {"captioner": PRECISION[self.captioner.dtype], "text_encoder": PRECISION[self.embedder.dtype]},
-            "range": [-1.0, 1.0],
-            "direction": "higher is better",
-            "scale": "cosine similarity of mean-pooled, L2-normalised sentence embeddings of caption and prompt",
         }
 
     def _models(self) -> dict[str, str]:
@@ -239,7 +236,14 @@ class CaptionReward:
         return outputs  # type: ignore[return-value]
 
 
-@register_reward("caption")
+@register_reward(
+    RewardDeclaration(
+        "caption",
+        "similarity of the image's generated caption and the prompt",
+        (-1.0, 1.0),
+        "cosine similarity of mean-pooled, L2-normalised sentence embeddings of caption and prompt",
+    )
+)
 def caption(**config: Any) -> CaptionReward:
     """Caption similarity; config: captioner, text_encoder, max_new_tokens, num_beams, prefix, batch_size,
     device, dtype, cache_size."""

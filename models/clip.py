@@ -40,7 +40,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; choose from auto, {', '.join(DTYPES)}") from None
 
 
-def _features(output: Any) -> torch.Tensor:
+def projected_features(output: Any) -> torch.Tensor:
+    """The projected features of a get_image_features / get_text_features call, [B, D]."""
     # transformers 4.x returns the projected tensor, 5.x an output object carrying it as pooler_output.
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
@@ -87,7 +88,9 @@ class ClipBackbone:
         for start in range(0, len(images), batch_size):
             chunk = list(images[start : start + batch_size])
             pixels = self.processor(images=chunk, return_tensors="pt")["pixel_values"]
-            features = _features(self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype)))
+            features = projected_features(
+                self.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype))
+            )
             rows.append(torch.nn.functional.normalize(features.float(), dim=-1))
             self.image_forwards += len(chunk)
         return torch.cat(rows) if rows else torch.zeros((0, self.embedding_dim), device=self.device)
@@ -130,7 +133,7 @@ class ClipBackbone:
                     truncation=True,
                     max_length=self.max_text_tokens,
                 )
-                features = _features(
+                features = projected_features(
                     self.model.get_text_features(
                         input_ids=tokens["input_ids"].to(self.device),
                         attention_mask=tokens["attention_mask"].to(self.device),

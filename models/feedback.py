@@ -22,7 +22,7 @@ from .clip import DEFAULT_CLIP, load_clip
 from .combine import average_ranks
 from .detection.prompt import COCO_CLASSES, COLORS, parse_prompt
 from .hf import ModelNotFoundError, file_sha256
-from .registry import register_reward
+from .registry import RewardDeclaration, register_reward
 from .types import RewardOutput, Sample
 
 log = logging.getLogger(__name__)
@@ -239,7 +239,7 @@ def _aux_loss(head: FeedbackHead, data: _Tensors, batch: torch.Tensor) -> torch.
 
 
 def _embed(pairs: list[LabelledPair], config: TrainConfig, progress: Any) -> tuple[_Tensors, Any]:
-    from rewardscope.service.images import load_image
+    from rewardscope.models.images import load_image
 
     backbone = load_clip(config.clip_model, config.clip_processor, config.device, config.dtype)
     images = []
@@ -396,7 +396,15 @@ def train_feedback_reward(
 # Reward
 
 
-@register_reward("feedback")
+@register_reward(
+    RewardDeclaration(
+        "feedback",
+        "an MLP head trained on binary human labels over frozen CLIP embeddings (Lee et al. 2023)",
+        (0.0, 1.0),
+        "P(a person labels the image as matching the prompt), from a head trained on binary labels",
+        argument="the directory `rewardscope train-reward` wrote",
+    )
+)
 class FeedbackReward:
     """A trained feedback head as a reward: P(a person labels the image as matching the prompt), in [0, 1].
     Built as "feedback:<directory>" (or create_reward("feedback", path=...)) from train_feedback_reward's output."""
@@ -440,9 +448,6 @@ class FeedbackReward:
             "params": {"batch_size": self.batch_size},
             "training": {"accuracy": validation.get("accuracy"), "auc": validation.get("auc")},
             "precision": self.backbone.describe()["precision"],
-            "range": [0.0, 1.0],
-            "direction": "higher is better",
-            "scale": "P(a person labels the image as matching the prompt), from a head trained on binary labels",
         }
 
     def score(self, samples: list[Sample]) -> list[RewardOutput]:

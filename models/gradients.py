@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from rewardscope.kernels import ops as kernel_ops
 from rewardscope.kernels.reference import poisson_binomial
 
-from .clip import ClipBackbone, _features
-from .detection.matching import MatchingReward, f1_score
+from .clip import ClipBackbone, projected_features
+from .detection.matching import f1_score
 from .detection.prompt import parse_prompt
 from .detection.torch_detector import TorchDetector
-from .preference import AestheticReward, ClipScoreReward, PickScoreReward
+from .registry import declaration, declarations
 
 SELECTION_FLOOR = 0.05
 
@@ -184,7 +184,7 @@ class ClipGradient:
         model = self.backbone.model
         pixels = pixels.to(self.backbone.device, torch.promote_types(pixels.dtype, torch.float32))
         values = self.preprocess(pixels).to(self.backbone.dtype)
-        features = _features(model.get_image_features(pixel_values=values))
+        features = projected_features(model.get_image_features(pixel_values=values))
         # float32 at least (fp16 models), float64 kept (finite-difference checks run the model in float64).
         return F.normalize(features.to(torch.promote_types(features.dtype, torch.float32)), dim=-1)
 
@@ -200,47 +200,48 @@ class ClipGradient:
 
     def __call__(self, pixels: torch.Tensor, prompts: Sequence[str]) -> GradientOutput:
         embeddings = self.embeddings(pixels)
-        if isinstance(self.reward, AestheticReward):
-            head_dtype = next(self.reward.head.parameters()).dtype
-            values = self.reward.head(embeddings.to(head_dtype)).double()
-            return GradientOutput(values, details=[{} for _ in prompts])
-        cosines = (embeddings * self._texts(prompts).to(embeddings.device)).sum(-1).double()
-        if isinstance(self.reward, PickScoreReward):
-            values = self.backbone.logit_scale * cosines
-        else:
-            values = self.reward.weight * cosines.clamp(min=0)
-        return GradientOutput(values, details=[{"cosine": float(c)} for c in cosines.detach()])
+
+        def cosines() -> torch.Tensor:
+            return (embeddings * self._texts(prompts).to(embeddings.device)).sum(-1).double()
+
+        # The reward's own formula on its embeddings (shared with its score()): one definition of each value.
+        values, details = self.reward.from_embeddings(embeddings, cosines)
+        return GradientOutput(values, details=details)
 
     def describe(self) -> dict[str, Any]:
         return {"version": self.version, "model": self.backbone.describe()}
 
 
 def gradient_reward(name: str, reward: Any, torch_detector: dict[str, Any] | None = None) -> Any:
-    """The differentiable form of a loaded Scorer reward, sharing its models.
+    """The differentiable form of a loaded Scorer reward, sharing its models: the reward builds it
+    (`reward.gradient_form`), for the rewards whose declaration says differentiable.
 
     torch_detector: for matching with a detector other than the embedded one, the torch twin's
     TorchDetector.from_ultralytics arguments ({"config": yaml, "weights": safetensors, "names": [...]})."""
-    if isinstance(reward, MatchingReward):
-        if torch_detector:
-            detector = TorchDetector.from_ultralytics(**torch_detector)
-        else:
-            detector = TorchDetector.embedded()
-            if detector.version != reward.detector.version.removesuffix("+int8"):
-                raise NotDifferentiableError(
-                    f"{name}: detector {reward.detector.version} has no torch twin configured "
-                    "(config torch_detector: {'config': <ultralytics yaml>, 'weights': <safetensors>})"
-                )
-        if detector.class_names != reward.vocabulary:
-            raise NotDifferentiableError(f"{name}: the torch detector's classes differ from the served detector's")
-        return SoftMatchingGradient(
-            detector, reward.iou_threshold, reward.max_detections, kernels_backend=reward.kernels_backend
+    if not declaration(name).differentiable or not hasattr(reward, "gradient_form"):
+        served = ", ".join(differentiable_rewards())
+        raise NotDifferentiableError(f"reward {name!r} has no differentiable form; differentiable: {served}")
+    return reward.gradient_form(name, torch_detector=torch_detector)
+
+
+def matching_gradient(name: str, reward: Any, torch_detector: dict[str, Any] | None = None) -> SoftMatchingGradient:
+    """A matching reward's soft, differentiable form on its detector's torch twin."""
+    detector = TorchDetector.from_ultralytics(**torch_detector) if torch_detector else reward.detector.torch_twin()
+    if detector is None:
+        raise NotDifferentiableError(
+            f"{name}: detector {reward.detector.version} has no torch twin configured "
+            "(config torch_detector: {'config': <ultralytics yaml>, 'weights': <safetensors>})"
         )
-    if isinstance(reward, (ClipScoreReward, PickScoreReward, AestheticReward)):
-        return ClipGradient(name, reward.backbone, reward)
-    raise NotDifferentiableError(f"reward {name!r} has no differentiable form; differentiable: {DIFFERENTIABLE}")
+    if detector.class_names != reward.vocabulary:
+        raise NotDifferentiableError(f"{name}: the torch detector's classes differ from the served detector's")
+    return SoftMatchingGradient(
+        detector, reward.iou_threshold, reward.max_detections, kernels_backend=reward.kernels_backend
+    )
 
 
-DIFFERENTIABLE = ("matching", "clip", "pickscore", "aesthetic")
+def differentiable_rewards() -> list[str]:
+    """Registered rewards whose declaration says they have a differentiable form."""
+    return [name for name, declared in declarations().items() if declared.differentiable]
 
 
 @dataclass

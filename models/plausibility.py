@@ -24,7 +24,7 @@ from .hf import (
     single_token_id,
     yes_probability,
 )
-from .registry import register_reward
+from .registry import RewardDeclaration, register_reward
 from .types import RewardOutput, Sample
 
 DEFAULT_LANGUAGE_MODEL = "Qwen/Qwen2.5-0.5B"
@@ -133,7 +133,7 @@ class PlausibilityReward:
         self.conf_threshold, self.iou_threshold, self.max_detections = conf_threshold, iou_threshold, max_detections
         self.batch_size = max(1, batch_size)
         # The default runtime config: the same ONNX session as the matching reward's, not a second one.
-        self.detector = load_detector(str(detector) if detector else None, DetectorConfig())
+        self.detector = load_detector(detector, DetectorConfig())
         self.judge = load_language_model(
             str(language_model), str(choose_device(device)), dtype, self.batch_size, cache_size
         )
@@ -155,10 +155,6 @@ class PlausibilityReward:
                 "answer_cache_size": self.judge.cache_size,
             },
             "precision": {"language_model": PRECISION[self.judge.dtype], "detector": "fp32"},
-            "range": [0.0, 1.0],
-            "direction": "higher is better",
-            "scale": "box-area-weighted mean of P(yes) normalised over yes/no, per detected label; 1 for "
-            "labels the prompt names",
         }
 
     def _models(self) -> dict[str, str]:
@@ -239,7 +235,16 @@ class PlausibilityReward:
         return outputs  # type: ignore[return-value]
 
 
-@register_reward("plausibility")
+@register_reward(
+    RewardDeclaration(
+        "plausibility",
+        "a language model's P(yes) that each detected region's label belongs in the prompted scene",
+        (0.0, 1.0),
+        "box-area-weighted mean of P(yes) normalised over yes/no, per detected label; 1 for labels the prompt names",
+        profile_keys=("conf_threshold", "iou_threshold"),
+        uses_detector=True,
+    )
+)
 def plausibility(**config: Any) -> PlausibilityReward:
     """Scene plausibility; config: language_model, detector, template, conf_threshold, iou_threshold,
     max_detections, batch_size, device, dtype, cache_size, kernels_backend."""

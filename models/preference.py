@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -14,7 +15,7 @@ from torch import nn
 
 from .clip import DEFAULT_CLIP, load_clip, resolve_device, resolve_dtype
 from .hf import ModelNotFoundError, file_sha256
-from .registry import register_reward
+from .registry import RewardDeclaration, register_reward
 from .types import RewardOutput, Sample
 
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
@@ -74,7 +75,6 @@ class _ClipReward:
     """Common part of the rewards computed from one shared CLIP backbone (see models/clip.py)."""
 
     name = "clip"
-    scale = ""
 
     def __init__(
         self,
@@ -101,10 +101,21 @@ class _ClipReward:
             "model": self.backbone.describe(),
             "params": self.params(),
             "precision": self.backbone.describe()["precision"],
-            "range": self.value_range(),
-            "direction": "higher is better",
-            "scale": self.scale,
+            "range": self.value_range(),  # the declaration's, for this instance's weight / logit scale
         }
+
+    def gradient_form(self, name: str, torch_detector: Any = None) -> Any:
+        """The differentiable form (models/gradients.py), on this reward's backbone and formula."""
+        from .gradients import ClipGradient
+
+        return ClipGradient(name, self.backbone, self)
+
+    def from_embeddings(
+        self, embeddings: torch.Tensor, cosines: Callable[[], torch.Tensor]
+    ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        """Values [B] (in the autograd graph) and details from unit image embeddings [B, D]; `cosines()` gives
+        [B] cosines with the prompts, computed only if this reward needs them."""
+        raise NotImplementedError
 
     def _cosines(self, samples: list[Sample]) -> torch.Tensor:
         """[B] cosine of each image with its own prompt; each distinct prompt is embedded once."""
@@ -116,12 +127,19 @@ class _ClipReward:
         return (images * texts[rows]).sum(-1)
 
 
-@register_reward("clip")
+@register_reward(
+    RewardDeclaration(
+        "clip",
+        "CLIPScore (Hessel et al. 2021) with any transformers CLIP",
+        (0.0, CLIPSCORE_WEIGHT),
+        "CLIPScore: w * max(cos(image, prompt), 0), w = 2.5; prompts truncated to the model's 77 tokens",
+        differentiable=True,
+    )
+)
 class ClipScoreReward(_ClipReward):
     """CLIPScore (Hessel et al. 2021): w * max(cos(image, prompt), 0) with w = 2.5, any transformers CLIP."""
 
     name = "clip"
-    scale = "CLIPScore: w * max(cos(image, prompt), 0), w = 2.5; prompts truncated to the model's 77 tokens"
 
     def __init__(self, weight: float = CLIPSCORE_WEIGHT, **config: Any) -> None:
         super().__init__(**config)
@@ -129,6 +147,10 @@ class ClipScoreReward(_ClipReward):
 
     def value_range(self) -> list[float | None]:
         return [0.0, self.weight]
+
+    def from_embeddings(self, embeddings, cosines):
+        cos = cosines()
+        return self.weight * cos.clamp(min=0), [{"cosine": float(c)} for c in cos.detach()]
 
     def params(self) -> dict[str, Any]:
         return {**super().params(), "weight": self.weight}
@@ -138,18 +160,29 @@ class ClipScoreReward(_ClipReward):
         return [RewardOutput(self.weight * max(cos, 0.0), {"cosine": cos}) for cos in cosines]
 
 
-@register_reward("pickscore")
+@register_reward(
+    RewardDeclaration(
+        "pickscore",
+        "PickScore (Kirstain et al. 2023): a CLIP-H tuned on Pick-a-Pic preferences",
+        (-100.0, 100.0),
+        "logit_scale * cos(image, prompt) (PickScore_v1: logit_scale = 100; typical values 18-23)",
+        differentiable=True,
+    )
+)
 class PickScoreReward(_ClipReward):
     """PickScore (Kirstain et al. 2023): logit_scale * cos(image, prompt) from the Pick-a-Pic-tuned CLIP-H."""
 
     name = "pickscore"
-    scale = "logit_scale * cos(image, prompt) (PickScore_v1: logit_scale = 100; typical values 18-23)"
 
     def __init__(self, model: str = PICKSCORE_MODEL, processor: str | None = PICKSCORE_PROCESSOR, **config: Any):
         super().__init__(model=model, processor=processor, **config)
 
     def value_range(self) -> list[float | None]:
         return [-self.backbone.logit_scale, self.backbone.logit_scale]
+
+    def from_embeddings(self, embeddings, cosines):
+        cos = cosines()
+        return self.backbone.logit_scale * cos, [{"cosine": float(c)} for c in cos.detach()]
 
     def params(self) -> dict[str, Any]:
         return {**super().params(), "logit_scale": self.backbone.logit_scale}
@@ -183,7 +216,15 @@ class AestheticMLP(nn.Module):
         return self.layers(embeddings).squeeze(-1)
 
 
-@register_reward("aesthetic")
+@register_reward(
+    RewardDeclaration(
+        "aesthetic",
+        "LAION improved aesthetic predictor on the CLIP ViT-L/14 image embedding (the prompt is ignored)",
+        (None, None),
+        "LAION aesthetic rating on the 1-10 AVA scale (unbounded MLP output; most photos 4-7)",
+        differentiable=True,
+    )
+)
 class AestheticReward(_ClipReward):
     """LAION improved aesthetic predictor: the MLP above on the CLIP image embedding; the prompt is ignored.
 
@@ -192,7 +233,6 @@ class AestheticReward(_ClipReward):
     """
 
     name = "aesthetic"
-    scale = "LAION aesthetic rating on the 1-10 AVA scale (unbounded MLP output; most photos 4-7)"
 
     def __init__(self, head: str | None = None, **config: Any) -> None:
         if not head:
@@ -222,6 +262,10 @@ class AestheticReward(_ClipReward):
     def params(self) -> dict[str, Any]:
         return {**super().params(), "head": str(self.head_path)}
 
+    def from_embeddings(self, embeddings, cosines):
+        head_dtype = next(self.head.parameters()).dtype
+        return self.head(embeddings.to(head_dtype)).double(), [{} for _ in range(len(embeddings))]
+
     def score(self, samples: list[Sample]) -> list[RewardOutput]:
         embeddings = self.backbone.sample_embeddings(samples, self.batch_size)
         with torch.inference_mode():
@@ -241,7 +285,14 @@ def _hub_file(repo: str, filename: str, what: str) -> Path:
         ) from None
 
 
-@register_reward("hpsv2")
+@register_reward(
+    RewardDeclaration(
+        "hpsv2",
+        "HPS v2 / v2.1 (Wu et al. 2023) through the hpsv2 package",
+        (-1.0, 1.0),
+        "HPS v2: cosine of image and prompt features (typical 0.2-0.35)",
+    )
+)
 class HPSv2Reward:
     """HPS v2 / v2.1 (Wu et al. 2023) through the `hpsv2` package: cosine of HPS-tuned OpenCLIP ViT-H-14 image
     and prompt features. checkpoint: local HPS_v2*.pt, else the xswu/HPSv2 file from the local hub cache."""
@@ -282,9 +333,6 @@ class HPSv2Reward:
             "version": self.version,
             "params": {"batch_size": self.batch_size},
             "precision": str(self.dtype).removeprefix("torch."),
-            "range": [-1.0, 1.0],
-            "direction": "higher is better",
-            "scale": "HPS v2: cosine of image and prompt features (typical 0.2-0.35)",
         }
 
     @torch.inference_mode()
@@ -300,7 +348,14 @@ class HPSv2Reward:
         return [RewardOutput(value) for value in values]
 
 
-@register_reward("imagereward")
+@register_reward(
+    RewardDeclaration(
+        "imagereward",
+        "ImageReward (Xu et al. 2023) through the image-reward package",
+        (None, None),
+        "ImageReward: standardised reward (about N(0, 1) over its training prompts)",
+    )
+)
 class ImageRewardReward:
     """ImageReward (Xu et al. 2023) through the `image-reward` package: BLIP cross-attention features -> MLP,
     standardised by the released mean/std. checkpoint / med_config: local files, else THUDM/ImageReward's from the
@@ -337,9 +392,6 @@ class ImageRewardReward:
             "version": self.version,
             "params": {"batch_size": self.batch_size},
             "precision": str(self.dtype).removeprefix("torch."),
-            "range": [None, None],
-            "direction": "higher is better",
-            "scale": "ImageReward: standardised reward (about N(0, 1) over its training prompts)",
         }
 
     @torch.inference_mode()

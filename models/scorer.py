@@ -8,9 +8,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from rewardscope.service.images import DEFAULT_LIMITS, ImageError, ImageLimits, load_image
-
-from .registry import Reward, create_reward
+from .images import DEFAULT_LIMITS, ImageError, ImageLimits, load_image
+from .profiles import profile_config
+from .registry import Reward, create_reward, declaration
 from .types import RewardOutput, Sample, ScoreResult
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ class Scorer:
         config: Mapping[str, Mapping[str, Any]] | None = None,
         image_limits: ImageLimits = DEFAULT_LIMITS,
         observer: Callable[[str, float, int], None] | None = None,
+        profile: str | None = None,
     ) -> None:
         if isinstance(rewards, str):
             rewards = [rewards]
@@ -39,14 +40,22 @@ class Scorer:
         if not self.weights:
             raise ValueError("a Scorer needs at least one reward")
         config = config or {}
+        # profile: its settings for the keys each reward declares, under the reward's explicit config
+        self.profile = profile
+        defaults = profile_config(profile, self.weights) if profile is not None else {}
         self.rewards: dict[str, Reward] = {
-            name: create_reward(name, **dict(config.get(name, {}))) for name in self.weights
+            name: create_reward(name, **{**defaults.get(name, {}), **dict(config.get(name, {}))})
+            for name in self.weights
         }
         self.image_limits = image_limits
         self.observer = observer
 
     def describe(self) -> dict[str, Any]:
-        return {name: {**reward.describe(), "weight": self.weights[name]} for name, reward in self.rewards.items()}
+        """Per reward: its declaration, then what the loaded instance says of itself (models, params), its weight."""
+        return {
+            name: {**declaration(name).describe(), **reward.describe(), "weight": self.weights[name]}
+            for name, reward in self.rewards.items()
+        }
 
     def versions(self) -> dict[str, str]:
         return {name: reward.version for name, reward in self.rewards.items()}

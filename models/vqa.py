@@ -26,7 +26,7 @@ from .hf import (
     single_token_id,
     yes_probability,
 )
-from .registry import register_reward
+from .registry import RewardDeclaration, register_reward
 from .types import RewardOutput, Sample
 
 DEFAULT_VQA_MODEL = "Salesforce/blip-vqa-base"
@@ -310,8 +310,6 @@ class VqaReward:
                 "device": str(self.answerer.device),
             },
             "precision": PRECISION[self.answerer.dtype],
-            "range": [0.0, 1.0],
-            "direction": "higher is better",
             "scale": f"mean over the prompt's yes/no questions of P(yes); {NORMALISATIONS[self.normalisation]}",
         }
 
@@ -367,7 +365,14 @@ class VqaReward:
         return outputs  # type: ignore[return-value]
 
 
-@register_reward("vqa")
+@register_reward(
+    RewardDeclaration(
+        "vqa",
+        "a VQA model's P(yes) on yes/no questions about the prompt's objects, counts, colours and relations",
+        (0.0, 1.0),
+        "mean over the prompt's yes/no questions of P(yes)",
+    )
+)
 def vqa(**config: Any) -> VqaReward:
     """VQA yes-probability; config: model, normalisation ("yes_no" | "vocab"), unknown_nouns, batch_size,
     image_batch_size, device, dtype."""

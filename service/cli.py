@@ -12,6 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rewardscope.models.profiles import DEFAULT_PROFILE, PROFILES
+from rewardscope.models.registry import matching_variants
+
 
 def sample_images() -> list[tuple[str, Path]]:
     """Real photos that ship with installed packages (ultralytics' assets): the demo's inputs."""
@@ -52,7 +55,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     if len(args.paths) == 1 and Path(args.paths[0]).is_dir():
         return cmd_score_folder(args)
-    from rewardscope.models.scorer import Scorer
 
     if not args.prompt:
         print("scoring image files needs --prompt (once for all images, or once per image)", file=sys.stderr)
@@ -62,7 +64,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         print("give one --prompt for all images or one per image", file=sys.stderr)
         return 2
     weights = dict(_parse_weight(item) for item in args.rewards or ["matching"])
-    scorer = Scorer(weights, config=_reward_config(weights, args.variant))
+    scorer = build_scorer(weights, args.variant, args.profile)
     for start in range(0, len(args.paths), args.batch_size):
         images = args.paths[start : start + args.batch_size]
         batch_prompts = prompts[start : start + args.batch_size]
@@ -71,8 +73,21 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def build_scorer(weights: dict[str, float], variant: str | None = None, profile: str = DEFAULT_PROFILE) -> Any:
+    """The Scorer `rewardscope score` uses: the service's reward config (env) and the profile, as HTTP resolves."""
+    from rewardscope.models.scorer import Scorer
+
+    return Scorer(weights, config=_reward_config(weights, variant), profile=profile)
+
+
 def _reward_config(weights: dict[str, float], variant: str | None) -> dict[str, dict]:
-    return {"matching": {"variant": variant}} if variant and "matching" in weights else {}
+    """What the service would pass for these rewards (REWARDSCOPE_CONFIG, REWARDSCOPE_DETECTOR), plus --variant."""
+    from .settings import ServiceSettings
+
+    config = ServiceSettings.from_env().reward_config(list(weights))
+    if variant and "matching" in weights:
+        config["matching"] = {**config.get("matching", {}), "variant": variant}
+    return config
 
 
 def cmd_score_folder(args: argparse.Namespace) -> int:
@@ -96,9 +111,7 @@ def cmd_score_folder(args: argparse.Namespace) -> int:
         client = RewardClient(args.server, token=os.environ.get("REWARDSCOPE_TOKEN"), chunk_size=args.batch_size)
         backend = folders.ClientBackend(client, weights)
     elif args.engine == "local":
-        from rewardscope.models.scorer import Scorer
-
-        backend = folders.ScorerBackend(Scorer(weights, config=_reward_config(weights, args.variant)))
+        backend = folders.ScorerBackend(build_scorer(weights, args.variant, args.profile))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"))
     with Progress(*columns, TimeRemainingColumn(), disable=args.no_progress) as progress:
         task = progress.add_task(f"scoring {root.name} ({layout})", total=len(items), rate="")
@@ -122,6 +135,7 @@ def cmd_score_folder(args: argparse.Namespace) -> int:
                 args.ray_gpus,
                 args.ray_address,
                 on_batch=advance,
+                profile=args.profile,
             )
         else:
             assert backend is not None
@@ -285,7 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("paths", nargs="+", help="one folder, or image files")
     score.add_argument("--prompt", action="append", help="for image files: once for all, or once per image")
     score.add_argument("--rewards", nargs="+", help="names, optionally name=weight (default: matching; geneval)")
-    score.add_argument("--variant", choices=("seed", "soft", "geneval", "numeracy", "layout"))
+    score.add_argument("--variant", choices=tuple(matching_variants()), help="matching variant (/match's)")
+    score.add_argument(
+        "--profile", default=DEFAULT_PROFILE, choices=tuple(PROFILES), help="thresholds and rules (as HTTP's profile)"
+    )
     score.add_argument("--batch-size", type=int, default=8)
     score.add_argument(
         "--lanes", type=int, default=2, help="batches scored side by side, each on one core (1: one batch, all cores)"

@@ -17,12 +17,13 @@ from typing import Any
 from PIL import Image
 from rewardscope.models.combine import combine, likelihood_weights, preference_pair, rank_candidates
 from rewardscope.models.detection.detector import single_threaded
+from rewardscope.models.images import ImageError, ImageLimits, decode_base64, decode_npy, decoded_bytes, load_image
+from rewardscope.models.profiles import PROFILES, describe_profiles
 from rewardscope.models.registry import is_registered, list_rewards
 from rewardscope.models.scorer import Scorer
 from rewardscope.models.types import ScoreResult
 
 from . import metrics
-from .images import ImageError, ImageLimits, decode_base64, decode_npy, decoded_bytes, load_image
 from .schemas import (
     ImageInput,
     ItemResult,
@@ -34,7 +35,7 @@ from .schemas import (
     RewardSpec,
     ScoreItem,
 )
-from .settings import PROFILES, ServiceSettings
+from .settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class RewardEngine:
         self._letterbox_hooks = default.letterbox_hooks
 
     # -- Scorers -----------------------------------------------------------------------------------------
-    def _weights(self, rewards: RewardSpec | None) -> dict[str, float]:
+    def resolve_weights(self, rewards: RewardSpec | None) -> dict[str, float]:
         if rewards is None:
             return dict(self.default_weights)
         weights = dict(rewards) if isinstance(rewards, Mapping) else {name: 1.0 for name in rewards}
@@ -94,7 +95,7 @@ class RewardEngine:
             )
         return weights
 
-    def _profile(self, profile: str | None) -> str:
+    def resolve_profile(self, profile: str | None) -> str:
         profile = profile or self.settings.profile
         if profile not in PROFILES:
             raise RequestItemError("unknown_profile", f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
@@ -108,11 +109,15 @@ class RewardEngine:
         with self._lock:
             if key not in self._scorers:
                 started = time.perf_counter()
-                config = self.settings.reward_config(list(weights), profile)
+                config = self.settings.reward_config(list(weights))
                 if variant is not None:
                     config["matching"] = {**config.get("matching", {}), "variant": variant}
                 self._scorers[key] = Scorer(
-                    dict(weights), config=config, image_limits=self.limits, observer=metrics.observe_reward
+                    dict(weights),
+                    config=config,
+                    image_limits=self.limits,
+                    observer=metrics.observe_reward,
+                    profile=profile,
                 )
                 seconds = time.perf_counter() - started
                 metrics.MODEL_LOAD.labels(rewards=",".join(sorted(weights))).set(seconds)
@@ -162,9 +167,9 @@ class RewardEngine:
         profile = item.profile or self.settings.profile
         weights = self.default_weights if variant is None else {"matching": 1.0}
         try:
-            profile = self._profile(item.profile)
+            profile = self.resolve_profile(item.profile)
             if variant is None:
-                weights = self._weights(item.rewards)
+                weights = self.resolve_weights(item.rewards)
             image = self._image(item, list(weights))
         except (RequestItemError, ImageError) as exc:
             failed = ScoreResult(rewards={name: None for name in weights})
@@ -310,7 +315,7 @@ class RewardEngine:
         if options.normalization == "none" and options.aggregation == "weighted_sum":
             return totals  # the Scorer's weighted total, exactly
         try:
-            weights = self._weights(rewards)
+            weights = self.resolve_weights(rewards)
         except RequestItemError:
             return [None] * len(members)  # every candidate already carries the error
         values = {name: [member.rewards.get(name) for member in members] for name in weights}
@@ -322,7 +327,7 @@ class RewardEngine:
         return {
             "rewards": scorer.describe(),
             "default_rewards": list(self.default_weights),
-            "profiles": PROFILES,
+            "profiles": describe_profiles(),
             "default_profile": self.settings.profile,
             "limits": {
                 "max_items": self.settings.max_items,

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from PIL import Image
-
-from .images import ImageError, load_image
+from rewardscope.models.images import ImageError, load_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 LAYOUTS = ("flat", "geneval", "t2i-compbench")
@@ -412,6 +411,7 @@ def score_items_ray(
     gpus_per_actor: float = 0,
     address: str | None = None,
     on_batch: Callable[[int], None] | None = None,
+    profile: str | None = None,
 ) -> RunStats:
     """The same rows through Ray Data: read the item list, map_batches the Scorer in an actor pool (each actor
     loads the models once), and stream each finished batch, in item order, into the same resumable writer as the
@@ -434,7 +434,7 @@ def score_items_ray(
 
     class ScoreActor:
         def __init__(self) -> None:
-            self.scorer = Scorer(rewards, config=config)
+            self.scorer = Scorer(rewards, config=config, profile=profile)
 
         def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
             metadata = [json.loads(text) if text else None for text in batch["metadata"]]

@@ -15,11 +15,16 @@ from typing import Any
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from rewardscope.models.gradients import DIFFERENTIABLE, NotDifferentiableError, gradient_reward, reward_gradients
+from rewardscope.models.gradients import (
+    NotDifferentiableError,
+    differentiable_rewards,
+    gradient_reward,
+    reward_gradients,
+)
+from rewardscope.models.images import ImageError, decode_base64, read_npy
 
 from . import metrics
 from .engine import RequestItemError, RewardEngine
-from .images import ImageError, decode_base64, read_npy
 from .schemas import RewardSpec
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
@@ -38,8 +43,8 @@ class GradItem(BaseModel):
     prompt: str = Field(max_length=2000)
     rewards: RewardSpec | None = Field(
         default=None,
-        description=f"names or {{name: weight}} among the served differentiable ones ({', '.join(DIFFERENTIABLE)}); "
-        "default: every served reward that is differentiable",
+        description="names or {name: weight} among the served differentiable ones "
+        f"({', '.join(differentiable_rewards())}); default: every served reward that is differentiable",
     )
     profile: str | None = None
 
@@ -124,12 +129,14 @@ class GradientEngine:
                 continue
             weights[name] = weight
         if not weights:
-            raise RequestItemError("not_differentiable", f"no served reward is one of {', '.join(DIFFERENTIABLE)}")
+            raise RequestItemError(
+                "not_differentiable", f"no served reward is one of {', '.join(differentiable_rewards())}"
+            )
         return weights
 
     def _prepare(self, item: GradItem) -> tuple[dict[str, float], str, dict[str, Any], torch.Tensor]:
-        profile = self.engine._profile(item.profile)
-        weights = self._default_weights(profile) if item.rewards is None else self.engine._weights(item.rewards)
+        profile = self.engine.resolve_profile(item.profile)
+        weights = self._default_weights(profile) if item.rewards is None else self.engine.resolve_weights(item.rewards)
         rewards = {}
         for name in weights:
             try:

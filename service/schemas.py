@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from rewardscope.models.registry import matching_variants
 
 MAX_WEIGHT = 1e6
 # A weight scales one reward inside the total. Every reward is higher-is-better, so a negative weight would make a
@@ -61,6 +62,10 @@ class ScoreItem(ImageInput):
     )
 
 
+# The matching variants, from the registered rewards' declarations (the one list; models/detection/matching.py).
+MatchVariant = Literal[tuple(matching_variants())]  # type: ignore[valid-type]
+
+
 class MatchItem(ScoreItem):
     """One (image, prompt) pair for the detection matching score with a chosen variant."""
 
@@ -71,7 +76,7 @@ class MatchItem(ScoreItem):
         },
     )
 
-    variant: Literal["seed", "soft", "geneval", "numeracy", "layout"] = "seed"
+    variant: MatchVariant = "seed"
     rewards: None = Field(default=None, exclude=True)
 
 

@@ -1,5 +1,6 @@
 """Service configuration: defaults that run offline on the embedded detector, overridable by REWARDSCOPE_* env.
-Threshold profiles are named here so responses can echo a name instead of loose numbers."""
+Threshold profiles are model-level data (rewardscope.models.profiles); the service and the CLI read them the
+same way, through Scorer(..., profile=...)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
-
-MATCHING_FAMILY = ("matching", "geneval", "numeracy")
-
-# `train`: the seed paper's thresholds. `benchmark`: GenEval's stricter 0.3 confidence.
-PROFILES: dict[str, dict[str, Any]] = {
-    "train": {"conf_threshold": 0.25, "iou_threshold": 0.45},
-    "benchmark": {"conf_threshold": 0.3, "iou_threshold": 0.45},
-}
+from rewardscope.models.profiles import DEFAULT_PROFILE, get_profile
+from rewardscope.models.registry import declaration
 
 
 class ServiceSettings(BaseModel):
@@ -26,7 +21,7 @@ class ServiceSettings(BaseModel):
         default_factory=dict,
         description="per-reward keyword config, e.g. model directories: REWARDSCOPE_CONFIG='{\"caption\": {...}}'",
     )
-    profile: str = "train"
+    profile: str = DEFAULT_PROFILE
     # On CPU small batches keep decoding and inference overlapped (measured in benchmarks/RESULTS.md); raise on GPUs.
     max_batch_size: int = 8
     # Requests predicted (at the measured seconds per item) to finish later than this are refused at once with 503:
@@ -90,8 +85,7 @@ class ServiceSettings(BaseModel):
             else:
                 values[name] = raw
         settings = cls(**values)
-        if settings.profile not in PROFILES:
-            raise ValueError(f"unknown profile {settings.profile!r}; choose from {', '.join(PROFILES)}")
+        get_profile(settings.profile)  # an unknown name fails at start, not at the first request
         return settings
 
     def jobs_path(self) -> Path:
@@ -101,12 +95,15 @@ class ServiceSettings(BaseModel):
         home = os.environ.get("BENTOML_HOME") or str(Path.home() / "bentoml")
         return Path(home) / "rewardscope-jobs" / "jobs.sqlite3"
 
-    def reward_config(self, rewards: list[str], profile: str) -> dict[str, dict[str, Any]]:
-        """Per-reward keyword config for a Scorer: the profile's thresholds for the matching family."""
+    def reward_config(self, rewards: list[str]) -> dict[str, dict[str, Any]]:
+        """Per-reward keyword config for a Scorer (its profile is passed beside it): REWARDSCOPE_CONFIG's entry, and
+        for rewards that declare a detector, REWARDSCOPE_DETECTOR and the batch size."""
         config: dict[str, dict[str, Any]] = {}
         for name in rewards:
             # "feedback:/dir" takes its own entry, else the one for its base name ("feedback").
             config[name] = dict(self.config.get(name, self.config.get(name.partition(":")[0], {})))
-            if name in MATCHING_FAMILY:
-                config[name].update(PROFILES[profile], detector=self.detector, batch_size=self.max_batch_size)
+            if declaration(name).uses_detector:
+                if self.detector is not None:
+                    config[name].setdefault("detector", self.detector)
+                config[name].setdefault("batch_size", self.max_batch_size)
         return config

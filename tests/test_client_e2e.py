@@ -18,7 +18,7 @@ from serving import ROOT, running_server
 from rewardscope import Scorer
 
 pytest.importorskip("rewardscope_client")
-from rewardscope_client import RewardClient  # noqa: E402
+from rewardscope_client import RewardClient, RewardServiceError  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -105,3 +105,10 @@ def test_readme_examples_run_against_the_service(server, bus_path, tmp_path, nam
         assert item["rewards"]["matching"] > 0.5 and item["error"] is None
     if name == "client":
         assert "nan" not in result.stdout.lower().split("]")[0] and "yolov3-tiny-darknet@" in result.stdout
+
+
+def test_an_unknown_match_variant_is_refused_by_the_service_schema(server, bus):
+    # The client keeps no list of variants: the service's /match schema (the registered matching rewards) decides.
+    with RewardClient(server, max_retries=0) as client, pytest.raises(RewardServiceError) as refused:
+        client.match([bus], ["a bus"], variant="fuzzy")
+    assert refused.value.status_code == 400

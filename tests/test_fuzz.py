@@ -40,7 +40,7 @@ from rewardscope.models.detection.prompt import (
     parse_prompt,
     to_geneval_metadata,
 )
-from rewardscope.service.images import (
+from rewardscope.models.images import (
     DEFAULT_LIMITS,
     ImageError,
     ImageLimits,
@@ -49,6 +49,7 @@ from rewardscope.service.images import (
     decode_bytes,
     decode_npy,
 )
+from rewardscope.models.registry import matching_variants
 from serving import TOKEN, server_tree
 
 # Damaged TIFF/EXIF data makes PIL warn before it raises or skips the tag: expected here, not news.
@@ -203,7 +204,7 @@ def case_strategy(schemas: list[schemathesis.BaseSchema]) -> st.SearchStrategy[s
     return st.one_of(strategies)
 
 
-MATCH_VARIANTS = ("seed", "soft", "geneval", "numeracy", "layout")
+MATCH_VARIANTS = tuple(matching_variants())  # the one list (the registered matching rewards)
 
 
 # How a generated request's body is used: as generated, with real photos as its image sources, or rebuilt valid.

@@ -24,8 +24,8 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from rewardscope.models.images import ImageError, decode_array, decode_bytes, decode_npy
 from rewardscope.service.engine import RewardEngine
-from rewardscope.service.images import ImageError, decode_array, decode_bytes, decode_npy
 from rewardscope.service.schemas import ScoreItem
 from rewardscope.service.settings import ServiceSettings
 from serving import TOKEN, server_tree

@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
-from rewardscope.service.images import ImageError, ImageLimits, decode_array, decode_bytes, load_image
+from rewardscope.models.images import ImageError, ImageLimits, decode_array, decode_bytes, load_image
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **params) -> bytes:

@@ -21,9 +21,9 @@ pytest.importorskip("triton")
 from oracles import brute_force_pmf  # noqa: E402
 from rewardscope.kernels import ops as kernel_ops  # noqa: E402
 from rewardscope.kernels import reference  # noqa: E402
-from rewardscope.kernels.box_match import box_match as triton_box_match  # noqa: E402
-from rewardscope.kernels.layout_match import layout_match as triton_layout_match  # noqa: E402
 from rewardscope.kernels.ops import BoxMatch, LayoutMatch  # noqa: E402
+from rewardscope.kernels.triton.box_match import box_match as triton_box_match  # noqa: E402
+from rewardscope.kernels.triton.layout_match import layout_match as triton_layout_match  # noqa: E402
 
 BOX_MATCH_BACKENDS = {"triton": triton_box_match, "reference": reference.box_match}
 LAYOUT_MATCH_BACKENDS = {"triton": triton_layout_match, "reference": reference.layout_match}
@@ -382,8 +382,8 @@ def calls(monkeypatch):
     monkeypatch.delenv("REWARDSCOPE_KERNELS", raising=False)
     for backend, module in [
         ("reference", reference),
-        ("triton", sys.modules["rewardscope.kernels.box_match"]),
-        ("triton", sys.modules["rewardscope.kernels.layout_match"]),
+        ("triton", sys.modules["rewardscope.kernels.triton.box_match"]),
+        ("triton", sys.modules["rewardscope.kernels.triton.layout_match"]),
     ]:
         for name in ("box_match", "layout_match"):
             if hasattr(module, name):
@@ -443,11 +443,11 @@ def test_dispatch_rejects_unknown_backends(calls, monkeypatch, backend, environm
     assert calls == []
 
 
-@pytest.mark.parametrize("module", ["rewardscope.kernels.box_match", "rewardscope.kernels.layout_match"])
+@pytest.mark.parametrize("module", ["rewardscope.kernels.triton.box_match", "rewardscope.kernels.triton.layout_match"])
 def test_forced_triton_on_cpu_without_the_interpreter_raises_a_clear_error(monkeypatch, module):
     monkeypatch.setattr(sys.modules[module], "INTERPRETED", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        if module == "rewardscope.kernels.box_match":
+        if module == "rewardscope.kernels.triton.box_match":
             kernel_ops.box_match(*small_box_match_inputs(), backend="triton")
         else:
             kernel_ops.layout_match(*layout_inputs([(BOX, 0.9, 0)], [(BOX, 0)]), backend="triton")
@@ -456,8 +456,8 @@ def test_forced_triton_on_cpu_without_the_interpreter_raises_a_clear_error(monke
 def test_importing_the_triton_modules_keeps_the_dispatch_functions():
     # The Triton modules are submodules of rewardscope.kernels, not of ops: importing them never replaces the
     # dispatch functions of the same names.
-    import rewardscope.kernels.box_match  # noqa: F401
-    import rewardscope.kernels.layout_match  # noqa: F401
+    import rewardscope.kernels.triton.box_match  # noqa: F401
+    import rewardscope.kernels.triton.layout_match  # noqa: F401
 
     assert callable(kernel_ops.box_match) and kernel_ops.box_match.__module__ == "rewardscope.kernels.ops"
     assert callable(kernel_ops.layout_match) and kernel_ops.layout_match.__module__ == "rewardscope.kernels.ops"

@@ -1,12 +1,17 @@
-"""RewardClient (threads over a pooled httpx.Client) and AsyncRewardClient (httpx.AsyncClient): the same
-methods, chunked and retried the same way; request bodies and retry decisions come from protocol.py."""
+"""RewardClient (threads over a pooled httpx.Client) and AsyncRewardClient (httpx.AsyncClient).
+
+The client logic exists once, sans I/O: every operation is a generator (`_ClientBase`) that yields what it needs
+done (send a request, sleep, compute, run a plan's chunks) and gets the outcome back. RewardClient drives those
+generators with blocking calls and threads, AsyncRewardClient with awaits and tasks; neither holds any logic of
+its own. Request bodies and retry decisions come from protocol.py."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +21,6 @@ import httpx
 from ._version import __version__
 from .images import ENCODINGS, Encoding
 from .protocol import (
-    MATCH_VARIANTS,
     RETRYABLE_ERRORS,
     RetryPolicy,
     RewardSpec,
@@ -57,6 +61,43 @@ class _Plan:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class _Send:
+    """One HTTP attempt; the driver answers with the httpx.Response, or the httpx.HTTPError it raised."""
+
+    method: str
+    path: str
+    json: Any = None
+    params: dict[str, Any] | None = None
+    timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class _Sleep:
+    """Wait: a retry's backoff (the client's `_sleep`, which tests replace) or a job poll (`poll=True`)."""
+
+    seconds: float
+    poll: bool = False
+
+
+@dataclass(frozen=True)
+class _Compute:
+    """CPU work (encoding images): inline for the sync client, on a worker thread for the async one."""
+
+    function: Callable[..., Any]
+    args: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Execute:
+    """Every chunk of a plan, concurrently; the driver answers with the results in input order."""
+
+    plan: _Plan
+
+
+Steps = Generator[Any, Any, Any]
+
+
 def _json(response: httpx.Response, path: str) -> Any:
     try:
         return response.json()
@@ -73,17 +114,21 @@ def _job_failure(task_id: str, failure: RewardServiceError | httpx.Response) -> 
 class _ClientBase:
     """Configuration and request planning shared by both clients."""
 
+    _http_class: Callable[..., Any]  # httpx.Client or httpx.AsyncClient
+    _backoff_sleep: Callable[[float], Any]  # time.sleep or asyncio.sleep
+
     def __init__(
         self,
-        base_url: str,
-        token: str | None,
-        timeout: float,
-        max_retries: int,
-        backoff: float,
-        chunk_size: int,
-        max_concurrency: int,
-        encoding: Encoding,
-        max_request_bytes: int,
+        base_url: str = DEFAULT_URL,
+        token: str | None = None,
+        timeout: float = 120.0,
+        max_retries: int = 5,
+        backoff: float = 0.5,
+        chunk_size: int = 32,
+        max_concurrency: int = 4,
+        encoding: Encoding = "npy",
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}; got {encoding!r}")
@@ -99,6 +144,27 @@ class _ClientBase:
         self._headers = {"user-agent": f"rewardscope-client/{__version__}"}
         if token:
             self._headers["authorization"] = f"Bearer {token}"
+        self._http = self._http_class(**self._http_options(transport))
+        self._sleep: Callable[[float], Any] = type(self)._backoff_sleep  # tests replace it to record backoffs
+
+    def score_async(
+        self,
+        images: Images,
+        prompts: str | Sequence[str],
+        metadata: Metadata = None,
+        rewards: str | RewardSpec | None = None,
+        profile: str | None = None,
+    ) -> Any:
+        """score() in the background: returns at once with a concurrent.futures.Future (RewardClient) or an
+        asyncio.Task (AsyncRewardClient), so sampling can overlap scoring. Pixels are copied before returning:
+        the caller may reuse its buffers immediately."""
+        plan = self._score_plan(
+            "/score", images, prompts, metadata, copy=True, rewards=rewards_spec(rewards), profile=profile
+        )
+        return self._in_background(plan)
+
+    def _in_background(self, plan: _Plan) -> Any:
+        raise NotImplementedError
 
     def _http_options(self, transport: Any) -> dict[str, Any]:
         # Chunk workers and score_async callers can each hold a connection at once.
@@ -138,8 +204,6 @@ class _ClientBase:
     def _match_plan(
         self, images: Images, prompts: str | Sequence[str], variant: str, metadata: Metadata, profile: str | None
     ) -> _Plan:
-        if variant not in MATCH_VARIANTS:
-            raise ValueError(f"variant must be one of {', '.join(MATCH_VARIANTS)}; got {variant!r}")
         return self._score_plan("/match", images, prompts, metadata, variant=variant, profile=profile)
 
     def _rank_plan(self, groups: Sequence[Any], rewards: str | RewardSpec | None, profile: str | None) -> _Plan:
@@ -178,6 +242,202 @@ class _ClientBase:
         plan = self._score_plan(JOB_SUBMIT, images, prompts, metadata, **fields)
         return [entry for chunk in plan.chunks for entry in plan.build(chunk)]
 
+    # -- The client logic: each operation a generator of effects ----------------------------------------------
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        retry: bool = True,
+    ) -> Steps:
+        """Send until a final answer: success returns the response, a final error raises RewardServiceError."""
+        attempts = 0
+        while True:
+            attempts += 1
+            outcome = yield _Send(method, path, json, params)
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, RETRYABLE_ERRORS):
+                    raise outcome
+                delay = self.retry.next_delay(attempts, None) if retry else None
+                if delay is None:
+                    raise RewardServiceError(f"{type(outcome).__name__}: {outcome}", None, path, attempts) from outcome
+            else:
+                if outcome.is_success:
+                    return outcome
+                delay = self.retry.next_delay(attempts, outcome) if retry else None
+                if delay is None:
+                    raise RewardServiceError(error_message(outcome), outcome.status_code, path, attempts)
+            yield _Sleep(delay)
+
+    def _post_part(self, path: str, key: str, part: list[dict[str, Any]], extra: dict[str, Any]) -> Steps:
+        try:
+            response = yield from self._request("POST", path, json={key: part, **extra})
+        except RewardServiceError as exc:
+            if exc.status_code != 413 or len(part) < 2:
+                raise
+            middle = len(part) // 2  # too large for the server: halve until it fits (or one entry is left)
+            first = yield from self._post_part(path, key, part[:middle], extra)
+            return first + (yield from self._post_part(path, key, part[middle:], extra))
+        return expect_list(_json(response, path), len(part), path)
+
+    def _send_chunk(self, plan: _Plan, chunk: range) -> Steps:
+        entries = yield _Compute(plan.build, (chunk,))
+        results: list[Any] = []
+        for part in split_by_bytes(entries, self.max_request_bytes):
+            results.extend((yield from self._post_part(plan.path, plan.key, part, plan.extra)))
+        return results
+
+    def _get_json(self, method: str, path: str, params: dict[str, Any] | None = None) -> Steps:
+        return _json((yield from self._request(method, path, params=params)), path)
+
+    # -- Operations (the public methods of both clients) ----------------------------------------------------
+    def _score(
+        self,
+        images: Images,
+        prompts: str | Sequence[str],
+        metadata: Metadata = None,
+        rewards: str | RewardSpec | None = None,
+        profile: str | None = None,
+    ) -> Steps:
+        """Score N (image, prompt) pairs: POST /score in chunks. Failed items are NaN (see ScoreBatch).
+
+        images: a list of PIL images / arrays / tensors / paths / bytes, or a batched array or tensor
+        [B, 3, H, W] or [B, H, W, 3] (float in [0, 1] or uint8). prompts: N strings. metadata: N dicts or None
+        (GenEval-style {"include": [...], "exclude": [...]}). rewards: names or {name: weight}; None: the
+        service's default set. profile: "train" or "benchmark"; None: the service's default.
+        """
+        plan = self._score_plan("/score", images, prompts, metadata, rewards=rewards_spec(rewards), profile=profile)
+        return ScoreBatch.from_items((yield _Execute(plan)))
+
+    def _grad(
+        self,
+        images: Images,
+        prompts: str | Sequence[str],
+        rewards: str | RewardSpec | None = None,
+        profile: str | None = None,
+        dtype: str = "float16",
+    ) -> Steps:
+        """Reward values and d(weighted total)/d(pixels): POST /grad. images: float [B, 3, H, W] in [0, 1]
+        (array or tensor) or a list of [3, H, W]; sent as `dtype` .npy. For autograd use RemoteReward."""
+        plan, shapes = self._grad_plan(images, prompts, rewards, profile, dtype)
+        return GradBatch.from_grad_items((yield _Execute(plan)), shapes)
+
+    def _match(
+        self,
+        images: Images,
+        prompts: str | Sequence[str],
+        variant: str = "seed",
+        metadata: Metadata = None,
+        profile: str | None = None,
+    ) -> Steps:
+        """Detection matching score with its breakdown: POST /match (the service's schema names the variants).
+        Per item: {"score", "variant", "details", "error", "error_code", "profile", "versions"}; score None where
+        the item failed."""
+        return (yield _Execute(self._match_plan(images, prompts, variant, metadata, profile)))
+
+    def _rank(
+        self, groups: Sequence[Any], rewards: str | RewardSpec | None = None, profile: str | None = None
+    ) -> Steps:
+        """Rank candidates per prompt: POST /rank. groups: (prompt, images) or (prompt, images, metadata).
+        Per group: {"scores", "order" (best first), "chosen", "rejected" (the DPO pair), "candidates"}."""
+        return (yield _Execute(self._rank_plan(groups, rewards, profile)))
+
+    def _rewards(self) -> Steps:
+        """GET /rewards: the rewards served, defaults, profiles and limits."""
+        return (yield from self._get_json("GET", "/rewards"))
+
+    def _ready(self, timeout: float = 5.0) -> Steps:
+        """GET /readyz once, without retries: True when the service answers 200."""
+        outcome = yield _Send("GET", "/readyz", timeout=timeout)
+        return isinstance(outcome, httpx.Response) and outcome.status_code == 200
+
+    def _submit(
+        self,
+        images: Images,
+        prompts: str | Sequence[str],
+        metadata: Metadata = None,
+        rewards: str | RewardSpec | None = None,
+        profile: str | None = None,
+    ) -> Steps:
+        """Queue a background scoring job (one request, not chunked): POST /jobs/score/submit; returns its id."""
+        fields = {"rewards": rewards_spec(rewards), "profile": profile}
+        items = yield _Compute(functools.partial(self._job_items, **fields), (images, prompts, metadata))
+        answer = _json((yield from self._request("POST", JOB_SUBMIT, json={"items": items})), JOB_SUBMIT)
+        return str(answer["task_id"])
+
+    def _status(self, task_id: str) -> Steps:
+        """The job's status as the server names it (pending, in_progress, success, failure, cancelled)."""
+        return str((yield from self._get_json("GET", JOB_STATUS, {"task_id": task_id}))["status"])
+
+    def _cancel(self, task_id: str) -> Steps:
+        """Cancel a queued or running job; returns its status afterwards."""
+        return str((yield from self._get_json("PUT", JOB_CANCEL, {"task_id": task_id}))["status"])
+
+    def _delete(self, task_id: str) -> Steps:
+        """Forget a job and its stored input or result (a running one stops)."""
+        yield from self._request("DELETE", JOB_DELETE, params={"task_id": task_id})
+
+    def _result(self, task_id: str, wait: bool = True, poll: float = 0.5, timeout: float | None = None) -> Steps:
+        """The job's ScoreBatch. wait: poll every `poll` s until it finishes (TimeoutError after `timeout` s);
+        wait=False checks once. A failed or canceled job raises RewardServiceError."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            status = yield from self._status(task_id)
+            state = job_state(status)
+            if state != "running":
+                break
+            if not wait or (deadline is not None and time.monotonic() >= deadline):
+                raise TimeoutError(f"task {task_id} is still {status}")
+            yield _Sleep(poll, poll=True)
+        params = {"task_id": task_id}
+        if state == "canceled":
+            raise RewardServiceError(f"task {task_id} was canceled", None, JOB_STATUS)
+        if state == "failed":
+            try:
+                response = yield from self._request("GET", JOB_GET, params=params, retry=False)
+            except RewardServiceError as exc:
+                raise _job_failure(task_id, exc) from None
+            raise _job_failure(task_id, response)
+        answer = yield from self._get_json("GET", JOB_GET, params)
+        return ScoreBatch.from_items(expect_list(answer, None, JOB_GET))
+
+
+OPERATIONS = ("score", "grad", "match", "rank", "rewards", "ready", "submit", "status", "cancel", "delete", "result")
+
+
+def _bind(client_class: type, driver: Callable[[Callable[..., Steps]], Callable[..., Any]]) -> type:
+    """Give a client class each operation of _ClientBase as a public method run by its driver."""
+    for name in OPERATIONS:
+        method = driver(getattr(_ClientBase, f"_{name}"))
+        method.__name__, method.__qualname__ = name, f"{client_class.__name__}.{name}"
+        setattr(client_class, name, method)
+    return client_class
+
+
+def _blocking(operation: Callable[..., Steps]) -> Callable[..., Any]:
+    @functools.wraps(operation)
+    def method(self: RewardClient, *args: Any, **kwargs: Any) -> Any:
+        return self._drive(operation(self, *args, **kwargs))
+
+    return method
+
+
+def _awaitable(operation: Callable[..., Steps]) -> Callable[..., Any]:
+    @functools.wraps(operation)
+    async def method(self: AsyncRewardClient, *args: Any, **kwargs: Any) -> Any:
+        return await self._drive(operation(self, *args, **kwargs))
+
+    return method
+
+
+def _send_options(effect: _Send) -> dict[str, Any]:
+    options: dict[str, Any] = {"json": effect.json, "params": effect.params}
+    if effect.timeout is not None:
+        options["timeout"] = effect.timeout
+    return options
+
 
 class RewardClient(_ClientBase):
     """Synchronous client of the rewardscope service.
@@ -194,64 +454,35 @@ class RewardClient(_ClientBase):
     `transport` is handed to httpx (tests pass an httpx.MockTransport).
     """
 
-    def __init__(
-        self,
-        base_url: str = DEFAULT_URL,
-        token: str | None = None,
-        timeout: float = 120.0,
-        max_retries: int = 5,
-        backoff: float = 0.5,
-        chunk_size: int = 32,
-        max_concurrency: int = 4,
-        encoding: Encoding = "npy",
-        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
-        super().__init__(
-            base_url, token, timeout, max_retries, backoff, chunk_size, max_concurrency, encoding, max_request_bytes
-        )
-        self._http = httpx.Client(**self._http_options(transport))
-        self._sleep: Callable[[float], Any] = time.sleep
+    _http_class = httpx.Client
+    _backoff_sleep = staticmethod(time.sleep)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._pools: dict[str, ThreadPoolExecutor] = {}
         self._pools_lock = threading.Lock()
 
-    # -- Transport -----------------------------------------------------------------------------------------
-    def _request(
-        self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None, retry: bool = True
-    ) -> httpx.Response:
-        """Send until a final answer: success returns, a final error raises RewardServiceError."""
-        attempts = 0
+    def _drive(self, steps: Steps) -> Any:
+        """Run an operation to its end with blocking calls."""
+        outcome: Any = None
         while True:
-            attempts += 1
             try:
-                response = self._http.request(method, path, json=json, params=params)
-            except RETRYABLE_ERRORS as exc:
-                delay = self.retry.next_delay(attempts, None) if retry else None
-                if delay is None:
-                    raise RewardServiceError(f"{type(exc).__name__}: {exc}", None, path, attempts) from exc
-            else:
-                if response.is_success:
-                    return response
-                delay = self.retry.next_delay(attempts, response) if retry else None
-                if delay is None:
-                    raise RewardServiceError(error_message(response), response.status_code, path, attempts)
-            self._sleep(delay)
+                effect = steps.send(outcome)
+            except StopIteration as done:
+                return done.value
+            outcome = self._perform(effect)
 
-    def _post_part(self, path: str, key: str, part: list[dict[str, Any]], extra: dict[str, Any]) -> list[Any]:
-        try:
-            response = self._request("POST", path, json={key: part, **extra})
-        except RewardServiceError as exc:
-            if exc.status_code != 413 or len(part) < 2:
-                raise
-            middle = len(part) // 2  # too large for the server: halve until it fits (or one entry is left)
-            return self._post_part(path, key, part[:middle], extra) + self._post_part(path, key, part[middle:], extra)
-        return expect_list(_json(response, path), len(part), path)
-
-    def _send_chunk(self, plan: _Plan, chunk: range) -> list[Any]:
-        results: list[Any] = []
-        for part in split_by_bytes(plan.build(chunk), self.max_request_bytes):
-            results.extend(self._post_part(plan.path, plan.key, part, plan.extra))
-        return results
+    def _perform(self, effect: Any) -> Any:
+        if isinstance(effect, _Send):
+            try:
+                return self._http.request(effect.method, effect.path, **_send_options(effect))
+            except httpx.HTTPError as exc:
+                return exc
+        if isinstance(effect, _Sleep):
+            return (time.sleep if effect.poll else self._sleep)(effect.seconds)
+        if isinstance(effect, _Compute):
+            return effect.function(*effect.args)
+        return self._execute(effect.plan)
 
     def _pool(self, name: str) -> ThreadPoolExecutor:
         with self._pools_lock:
@@ -260,10 +491,10 @@ class RewardClient(_ClientBase):
             return self._pools[name]
 
     def _execute(self, plan: _Plan) -> list[Any]:
-        """Send every chunk (concurrently when there are several) and return the results in input order."""
+        """Send every chunk (on threads when there are several) and return the results in input order."""
         if len(plan.chunks) <= 1:
-            return [result for chunk in plan.chunks for result in self._send_chunk(plan, chunk)]
-        futures = [self._pool("chunks").submit(self._send_chunk, plan, chunk) for chunk in plan.chunks]
+            return [result for chunk in plan.chunks for result in self._drive(self._send_chunk(plan, chunk))]
+        futures = [self._pool("chunks").submit(self._drive, self._send_chunk(plan, chunk)) for chunk in plan.chunks]
         try:
             return [result for future in futures for result in future.result()]
         except BaseException:
@@ -271,133 +502,9 @@ class RewardClient(_ClientBase):
                 future.cancel()
             raise
 
-    # -- Endpoints -----------------------------------------------------------------------------------------
-    def score(
-        self,
-        images: Images,
-        prompts: str | Sequence[str],
-        metadata: Metadata = None,
-        rewards: str | RewardSpec | None = None,
-        profile: str | None = None,
-    ) -> ScoreBatch:
-        """Score N (image, prompt) pairs: POST /score in chunks. Failed items are NaN (see ScoreBatch).
-
-        images: a list of PIL images / arrays / tensors / paths / bytes, or a batched array or tensor
-        [B, 3, H, W] or [B, H, W, 3] (float in [0, 1] or uint8). prompts: N strings. metadata: N dicts or None
-        (GenEval-style {"include": [...], "exclude": [...]}). rewards: names or {name: weight}; None: the
-        service's default set. profile: "train" or "benchmark"; None: the service's default.
-        """
-        plan = self._score_plan("/score", images, prompts, metadata, rewards=rewards_spec(rewards), profile=profile)
-        return ScoreBatch.from_items(self._execute(plan))
-
-    def score_async(
-        self,
-        images: Images,
-        prompts: str | Sequence[str],
-        metadata: Metadata = None,
-        rewards: str | RewardSpec | None = None,
-        profile: str | None = None,
-    ) -> Future[ScoreBatch]:
-        """score() in the background: returns at once with a Future, so sampling can overlap scoring.
-        Pixels are copied before returning: the caller may reuse its buffers immediately."""
-        plan = self._score_plan(
-            "/score", images, prompts, metadata, copy=True, rewards=rewards_spec(rewards), profile=profile
-        )
+    def _in_background(self, plan: _Plan) -> Future[ScoreBatch]:
         return self._pool("calls").submit(lambda: ScoreBatch.from_items(self._execute(plan)))
 
-    def grad(
-        self,
-        images: Images,
-        prompts: str | Sequence[str],
-        rewards: str | RewardSpec | None = None,
-        profile: str | None = None,
-        dtype: str = "float16",
-    ) -> GradBatch:
-        """Reward values and d(weighted total)/d(pixels): POST /grad. images: float [B, 3, H, W] in [0, 1]
-        (array or tensor) or a list of [3, H, W]; sent as `dtype` .npy. For autograd use RemoteReward."""
-        plan, shapes = self._grad_plan(images, prompts, rewards, profile, dtype)
-        return GradBatch.from_grad_items(self._execute(plan), shapes)
-
-    def match(
-        self,
-        images: Images,
-        prompts: str | Sequence[str],
-        variant: str = "seed",
-        metadata: Metadata = None,
-        profile: str | None = None,
-    ) -> list[dict[str, Any]]:
-        """Detection matching score with its breakdown: POST /match. Per item: {"score", "variant",
-        "details", "error", "error_code", "profile", "versions"}; score None where the item failed."""
-        return self._execute(self._match_plan(images, prompts, variant, metadata, profile))
-
-    def rank(
-        self, groups: Sequence[Any], rewards: str | RewardSpec | None = None, profile: str | None = None
-    ) -> list[dict[str, Any]]:
-        """Rank candidates per prompt: POST /rank. groups: (prompt, images) or (prompt, images, metadata).
-        Per group: {"scores", "order" (best first), "chosen", "rejected" (the DPO pair), "candidates"}."""
-        return self._execute(self._rank_plan(groups, rewards, profile))
-
-    def rewards(self) -> dict[str, Any]:
-        """GET /rewards: the rewards served, defaults, profiles and limits."""
-        return _json(self._request("GET", "/rewards"), "/rewards")
-
-    def ready(self, timeout: float = 5.0) -> bool:
-        """GET /readyz once, without retries: True when the service answers 200."""
-        try:
-            return self._http.get("/readyz", timeout=timeout).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def submit(
-        self,
-        images: Images,
-        prompts: str | Sequence[str],
-        metadata: Metadata = None,
-        rewards: str | RewardSpec | None = None,
-        profile: str | None = None,
-    ) -> str:
-        """Queue a scoring job (one request, not chunked): POST /jobs/score/submit; returns the task id."""
-        items = self._job_items(images, prompts, metadata, rewards=rewards_spec(rewards), profile=profile)
-        answer = _json(self._request("POST", JOB_SUBMIT, json={"items": items}), JOB_SUBMIT)
-        return str(answer["task_id"])
-
-    def status(self, task_id: str) -> str:
-        """The job's status as the server names it (pending, in_progress, success, failure, cancelled)."""
-        return str(_json(self._request("GET", JOB_STATUS, params={"task_id": task_id}), JOB_STATUS)["status"])
-
-    def cancel(self, task_id: str) -> str:
-        """Cancel a queued or running job; returns its status afterwards."""
-        return str(_json(self._request("PUT", JOB_CANCEL, params={"task_id": task_id}), JOB_CANCEL)["status"])
-
-    def delete(self, task_id: str) -> None:
-        """Forget a job and its stored input or result (a running one stops)."""
-        self._request("DELETE", JOB_DELETE, params={"task_id": task_id})
-
-    def result(self, task_id: str, wait: bool = True, poll: float = 0.5, timeout: float | None = None) -> ScoreBatch:
-        """The job's ScoreBatch. wait: poll every `poll` s until it finishes (TimeoutError after `timeout` s);
-        wait=False checks once. A failed or canceled job raises RewardServiceError."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            status = self.status(task_id)
-            state = job_state(status)
-            if state != "running":
-                break
-            if not wait or (deadline is not None and time.monotonic() >= deadline):
-                raise TimeoutError(f"task {task_id} is still {status}")
-            time.sleep(poll)
-        params = {"task_id": task_id}
-        if state == "canceled":
-            raise RewardServiceError(f"task {task_id} was canceled", None, JOB_STATUS)
-        if state == "failed":
-            try:
-                response = self._request("GET", JOB_GET, params=params, retry=False)
-            except RewardServiceError as exc:
-                raise _job_failure(task_id, exc) from None
-            raise _job_failure(task_id, response)
-        answer = _json(self._request("GET", JOB_GET, params=params), JOB_GET)
-        return ScoreBatch.from_items(expect_list(answer, None, JOB_GET))
-
-    # -- Lifetime ------------------------------------------------------------------------------------------
     def close(self) -> None:
         with self._pools_lock:
             pools, self._pools = list(self._pools.values()), {}
@@ -417,71 +524,45 @@ class AsyncRewardClient(_ClientBase):
 
     Chunks are gathered concurrently, at most `max_concurrency` in flight per client (an asyncio.Semaphore);
     images are encoded in worker threads so the event loop stays free. Retries, chunking, errors and results
-    are those of RewardClient. Use within one event loop; close with `await client.close()` or `async with`.
+    are those of RewardClient (the same operations, driven with awaits). Use within one event loop; close with
+    `await client.close()` or `async with`.
     """
 
-    def __init__(
-        self,
-        base_url: str = DEFAULT_URL,
-        token: str | None = None,
-        timeout: float = 120.0,
-        max_retries: int = 5,
-        backoff: float = 0.5,
-        chunk_size: int = 32,
-        max_concurrency: int = 4,
-        encoding: Encoding = "npy",
-        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        super().__init__(
-            base_url, token, timeout, max_retries, backoff, chunk_size, max_concurrency, encoding, max_request_bytes
-        )
-        self._http = httpx.AsyncClient(**self._http_options(transport))
-        self._sleep: Callable[[float], Any] = asyncio.sleep
-        self._semaphore = asyncio.Semaphore(max_concurrency)
+    _http_class = httpx.AsyncClient
+    _backoff_sleep = staticmethod(asyncio.sleep)
 
-    # -- Transport -----------------------------------------------------------------------------------------
-    async def _request(
-        self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None, retry: bool = True
-    ) -> httpx.Response:
-        attempts = 0
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._semaphore = asyncio.Semaphore(self.max_concurrency)
+
+    async def _drive(self, steps: Steps) -> Any:
+        """Run an operation to its end with awaits."""
+        outcome: Any = None
         while True:
-            attempts += 1
             try:
-                response = await self._http.request(method, path, json=json, params=params)
-            except RETRYABLE_ERRORS as exc:
-                delay = self.retry.next_delay(attempts, None) if retry else None
-                if delay is None:
-                    raise RewardServiceError(f"{type(exc).__name__}: {exc}", None, path, attempts) from exc
-            else:
-                if response.is_success:
-                    return response
-                delay = self.retry.next_delay(attempts, response) if retry else None
-                if delay is None:
-                    raise RewardServiceError(error_message(response), response.status_code, path, attempts)
-            await self._sleep(delay)
+                effect = steps.send(outcome)
+            except StopIteration as done:
+                return done.value
+            outcome = await self._perform(effect)
 
-    async def _post_part(self, path: str, key: str, part: list[dict[str, Any]], extra: dict[str, Any]) -> list[Any]:
-        try:
-            response = await self._request("POST", path, json={key: part, **extra})
-        except RewardServiceError as exc:
-            if exc.status_code != 413 or len(part) < 2:
-                raise
-            middle = len(part) // 2
-            first = await self._post_part(path, key, part[:middle], extra)
-            return first + await self._post_part(path, key, part[middle:], extra)
-        return expect_list(_json(response, path), len(part), path)
+    async def _perform(self, effect: Any) -> Any:
+        if isinstance(effect, _Send):
+            try:
+                return await self._http.request(effect.method, effect.path, **_send_options(effect))
+            except httpx.HTTPError as exc:
+                return exc
+        if isinstance(effect, _Sleep):
+            return await (asyncio.sleep if effect.poll else self._sleep)(effect.seconds)
+        if isinstance(effect, _Compute):
+            return await asyncio.to_thread(effect.function, *effect.args)
+        return await self._execute(effect.plan)
 
-    async def _send_chunk(self, plan: _Plan, chunk: range) -> list[Any]:
+    async def _send_chunk_limited(self, plan: _Plan, chunk: range) -> list[Any]:
         async with self._semaphore:
-            entries = await asyncio.to_thread(plan.build, chunk)
-            results: list[Any] = []
-            for part in split_by_bytes(entries, self.max_request_bytes):
-                results.extend(await self._post_part(plan.path, plan.key, part, plan.extra))
-            return results
+            return await self._drive(self._send_chunk(plan, chunk))
 
     async def _execute(self, plan: _Plan) -> list[Any]:
-        tasks = [asyncio.ensure_future(self._send_chunk(plan, chunk)) for chunk in plan.chunks]
+        tasks = [asyncio.ensure_future(self._send_chunk_limited(plan, chunk)) for chunk in plan.chunks]
         try:
             answers = await asyncio.gather(*tasks)
         except BaseException:
@@ -490,126 +571,12 @@ class AsyncRewardClient(_ClientBase):
             raise
         return [result for answer in answers for result in answer]
 
-    # -- Endpoints -----------------------------------------------------------------------------------------
-    async def score(
-        self,
-        images: Images,
-        prompts: str | Sequence[str],
-        metadata: Metadata = None,
-        rewards: str | RewardSpec | None = None,
-        profile: str | None = None,
-    ) -> ScoreBatch:
-        """See RewardClient.score."""
-        plan = self._score_plan("/score", images, prompts, metadata, rewards=rewards_spec(rewards), profile=profile)
-        return ScoreBatch.from_items(await self._execute(plan))
-
-    def score_async(
-        self,
-        images: Images,
-        prompts: str | Sequence[str],
-        metadata: Metadata = None,
-        rewards: str | RewardSpec | None = None,
-        profile: str | None = None,
-    ) -> asyncio.Task[ScoreBatch]:
-        """score() scheduled as a Task on the running loop; pixels are copied before returning."""
-        plan = self._score_plan(
-            "/score", images, prompts, metadata, copy=True, rewards=rewards_spec(rewards), profile=profile
-        )
-
+    def _in_background(self, plan: _Plan) -> asyncio.Task[ScoreBatch]:
         async def run() -> ScoreBatch:
             return ScoreBatch.from_items(await self._execute(plan))
 
         return asyncio.ensure_future(run())
 
-    async def grad(
-        self,
-        images: Images,
-        prompts: str | Sequence[str],
-        rewards: str | RewardSpec | None = None,
-        profile: str | None = None,
-        dtype: str = "float16",
-    ) -> GradBatch:
-        """See RewardClient.grad."""
-        plan, shapes = self._grad_plan(images, prompts, rewards, profile, dtype)
-        return GradBatch.from_grad_items(await self._execute(plan), shapes)
-
-    async def match(
-        self,
-        images: Images,
-        prompts: str | Sequence[str],
-        variant: str = "seed",
-        metadata: Metadata = None,
-        profile: str | None = None,
-    ) -> list[dict[str, Any]]:
-        """See RewardClient.match."""
-        return await self._execute(self._match_plan(images, prompts, variant, metadata, profile))
-
-    async def rank(
-        self, groups: Sequence[Any], rewards: str | RewardSpec | None = None, profile: str | None = None
-    ) -> list[dict[str, Any]]:
-        """See RewardClient.rank."""
-        return await self._execute(self._rank_plan(groups, rewards, profile))
-
-    async def rewards(self) -> dict[str, Any]:
-        return _json(await self._request("GET", "/rewards"), "/rewards")
-
-    async def ready(self, timeout: float = 5.0) -> bool:
-        try:
-            return (await self._http.get("/readyz", timeout=timeout)).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    async def submit(
-        self,
-        images: Images,
-        prompts: str | Sequence[str],
-        metadata: Metadata = None,
-        rewards: str | RewardSpec | None = None,
-        profile: str | None = None,
-    ) -> str:
-        items = await asyncio.to_thread(
-            self._job_items, images, prompts, metadata, rewards=rewards_spec(rewards), profile=profile
-        )
-        answer = _json(await self._request("POST", JOB_SUBMIT, json={"items": items}), JOB_SUBMIT)
-        return str(answer["task_id"])
-
-    async def status(self, task_id: str) -> str:
-        answer = _json(await self._request("GET", JOB_STATUS, params={"task_id": task_id}), JOB_STATUS)
-        return str(answer["status"])
-
-    async def cancel(self, task_id: str) -> str:
-        answer = _json(await self._request("PUT", JOB_CANCEL, params={"task_id": task_id}), JOB_CANCEL)
-        return str(answer["status"])
-
-    async def delete(self, task_id: str) -> None:
-        await self._request("DELETE", JOB_DELETE, params={"task_id": task_id})
-
-    async def result(
-        self, task_id: str, wait: bool = True, poll: float = 0.5, timeout: float | None = None
-    ) -> ScoreBatch:
-        """See RewardClient.result."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            status = await self.status(task_id)
-            state = job_state(status)
-            if state != "running":
-                break
-            if not wait or (deadline is not None and time.monotonic() >= deadline):
-                raise TimeoutError(f"task {task_id} is still {status}")
-            await asyncio.sleep(poll)
-        params = {"task_id": task_id}
-        if state == "canceled":
-            raise RewardServiceError(f"task {task_id} was canceled", None, JOB_STATUS)
-        if state == "failed":
-            try:
-                response = await self._request("GET", JOB_GET, params=params, retry=False)
-            except RewardServiceError as exc:
-                raise _job_failure(task_id, exc) from None
-            raise _job_failure(task_id, response)
-        answer = _json(await self._request("GET", JOB_GET, params=params), JOB_GET)
-        return ScoreBatch.from_items(expect_list(answer, None, JOB_GET))
-
-    # -- Lifetime ------------------------------------------------------------------------------------------
     async def close(self) -> None:
         await self._http.aclose()
 
@@ -618,3 +585,7 @@ class AsyncRewardClient(_ClientBase):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+_bind(RewardClient, _blocking)
+_bind(AsyncRewardClient, _awaitable)

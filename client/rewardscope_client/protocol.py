@@ -33,7 +33,6 @@ JOB_FAILED = frozenset({"failed", "failure"})
 JOB_CANCELED = frozenset({"canceled", "cancelled"})
 
 MAX_RANK_GROUPS = 64  # the service's limit of groups per /rank request
-MATCH_VARIANTS = ("seed", "soft", "geneval", "numeracy", "layout")
 
 
 @dataclass

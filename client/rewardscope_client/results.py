@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,11 +89,17 @@ class ScoreBatch:
         return np.isfinite(self.total)
 
 
+# np.load parses the header with ast.literal_eval, which CPython 3.11 cannot run from several threads at once
+# (python/cpython#106905); score_async and the adapters' futures parse results on worker threads.
+_NPY_LOCK = threading.Lock()
+
+
 def _gradient(item: Mapping[str, Any], shape: tuple[int, ...]) -> np.ndarray:
     """The float32 gradient of one /grad result: fp16 .npy times grad_scale; zeros for a failed item."""
     if not item.get("grad"):
         return np.zeros(shape, dtype=np.float32)
-    array = np.load(io.BytesIO(base64.b64decode(item["grad"])), allow_pickle=False)
+    with _NPY_LOCK:
+        array = np.load(io.BytesIO(base64.b64decode(item["grad"])), allow_pickle=False)
     if tuple(array.shape) != tuple(shape):
         raise ValueError(f"/grad returned a gradient of shape {list(array.shape)} for an image of {list(shape)}")
     return array.astype(np.float32) * np.float32(item.get("grad_scale") or 0.0)

@@ -13,6 +13,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import onnxruntime as ort
@@ -133,6 +134,29 @@ def _resize(image: Image.Image, new_w: int, new_h: int) -> Image.Image:
     return image if image.size == (new_w, new_h) else image.resize((new_w, new_h), Image.BILINEAR)
 
 
+EMBEDDED = "embedded"  # the registered name of the embedded YOLOv3-tiny, as a reward's `detector` option
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """What a reward needs of a detector; implemented by OnnxDetector (fp32 and int8) and TorchDetector.
+
+    __call__: RGB PIL images -> candidates [B, N, 4 + C] float (x0, y0, x1, y1 in image pixels, then per-class
+    scores). prepare: letterbox one image ahead of the batch (a no-op where the detector does it itself).
+    torch_twin: the differentiable torch network with the same weights and classes, or None."""
+
+    class_names: tuple[str, ...]
+    version: str
+
+    def __call__(self, images: list[Image.Image]) -> torch.Tensor: ...
+
+    def prepare(self, image: Image.Image) -> None: ...
+
+    def describe(self) -> dict[str, object]: ...
+
+    def torch_twin(self) -> Any: ...
+
+
 class OnnxDetector:
     """A YOLO-family detector exported to ONNX with raw outputs [B, 4 + C, N] (cx, cy, w, h, scores).
 
@@ -209,6 +233,14 @@ class OnnxDetector:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def torch_twin(self) -> Any:
+        """The torch network this ONNX model was exported from, when we have it: the embedded YOLOv3-tiny (its int8
+        twin included); None for other models (their twin is configured: TorchDetector.from_ultralytics)."""
+        from .torch_detector import TorchDetector
+
+        twin = TorchDetector.embedded()
+        return twin if twin.version == self.version.removesuffix("+int8") else None
 
     def describe(self) -> dict[str, object]:
         return {

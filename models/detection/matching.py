@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,19 +15,11 @@ import numpy as np
 import torch
 from rewardscope.kernels import ops as kernel_ops
 
-from ..registry import register_reward
+from ..registry import RewardDeclaration, declaration, matching_variants, register_reward
 from ..types import RewardOutput, Sample
-from .detector import DetectorConfig, OnnxDetector
+from .detector import EMBEDDED, Detector, DetectorConfig, OnnxDetector
 from .prompt import ObjectSpec, ParsedPrompt, from_geneval_metadata, parse_prompt, to_geneval_metadata
 
-VARIANTS = ("seed", "soft", "geneval", "numeracy", "layout")
-SCALES = {
-    "seed": "F1 of mean detection confidence and count agreement min(d,n)/max(d,n)",
-    "soft": "F1 of mean detection confidence and P(count = n) under the Poisson-binomial soft count",
-    "geneval": "1 if every GenEval check passes, else 0",
-    "numeracy": "mean over objects of 0.5*[present] + 0.5*[exact count]",
-    "layout": "mean over target boxes of the best same-class IoU (greedy one-to-one)",
-}
 MAX_LAYOUT_TARGETS = 64
 # GenEval: an offset counts as a relation only beyond this fraction of the two boxes' summed extent.
 GENEVAL_POSITION_THRESHOLD = 0.1
@@ -132,10 +125,22 @@ def geneval_check(
     return not reasons, reasons
 
 
+def load_detector(
+    detector: str | os.PathLike[str] | Detector | None, config: DetectorConfig, quantized: bool = False
+) -> Detector:
+    """A reward's `detector` option -> a Detector: None or "embedded" (the embedded YOLOv3-tiny), an ONNX path,
+    or a Detector object, used as it is. ONNX sessions are shared per (model, runtime config) per process.
+    quantized: run the ONNX model's int8 twin (static quantization, built once and cached; a CPU speed option)."""
+    if detector is not None and not isinstance(detector, (str, os.PathLike)):
+        if not isinstance(detector, Detector):
+            raise TypeError(f"detector must be a path, 'embedded' or a Detector, got {type(detector).__name__}")
+        return detector
+    name = str(detector) if detector is not None else None
+    return _onnx_detector(None if name in (None, "", EMBEDDED) else name, config, quantized)
+
+
 @functools.lru_cache(maxsize=8)
-def load_detector(path: str | None, config: DetectorConfig, quantized: bool = False) -> OnnxDetector:
-    """One session per (model, runtime config) per process, shared by every reward that uses it.
-    quantized: run the model's int8 twin (static quantization, built once and cached; a CPU speed option)."""
+def _onnx_detector(path: str | None, config: DetectorConfig, quantized: bool) -> OnnxDetector:
     from .export import embedded_detector_path
 
     source = Path(path) if path else embedded_detector_path()
@@ -185,8 +190,9 @@ class MatchingReward:
         color_processor: str | None = None,
         color_device: str | None = None,
     ) -> None:
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown matching variant {variant!r}; choose from {', '.join(VARIANTS)}")
+        variants = matching_variants()
+        if variant not in variants:
+            raise ValueError(f"unknown matching variant {variant!r}; choose from {', '.join(variants)}")
         if not 0 <= conf_threshold < 1 or not 0 < iou_threshold <= 1:
             raise ValueError("conf_threshold must be in [0, 1) and iou_threshold in (0, 1]")
         self.variant = variant
@@ -199,7 +205,7 @@ class MatchingReward:
             allow_spinning=allow_spinning,
             batch_size=batch_size,
         )
-        self.detector = load_detector(str(detector) if detector else None, config, quantized)
+        self.detector = load_detector(detector, config, quantized)
         self.vocabulary = self.detector.class_names
         self.class_index = {name: index for index, name in enumerate(self.vocabulary)}
         self.version = self.detector.version
@@ -225,10 +231,15 @@ class MatchingReward:
             },
             # The ONNX detector runs in fp32 (int8 Conv when quantized); post-processing follows its output dtype.
             "precision": "int8" if self.detector.version.endswith("+int8") else "fp32",
-            "range": [0.0, 1.0],
-            "direction": "higher is better",
-            "scale": SCALES[self.variant],
+            # the declaration of the registration this variant is (the Scorer adds the rest of it)
+            "scale": declaration(matching_variants()[self.variant]).scale,
         }
+
+    def gradient_form(self, name: str, torch_detector: dict[str, Any] | None = None) -> Any:
+        """The soft, differentiable form on this reward's detector's torch twin (models/gradients.py)."""
+        from ..gradients import matching_gradient
+
+        return matching_gradient(name, self, torch_detector)
 
     def _layout_plan(self, sample: Sample) -> _Plan:
         layout = (sample.metadata or {}).get("layout")
@@ -438,7 +449,7 @@ class MatchingReward:
                 for name, score, box in zip(classes, scores, boxes, strict=True)
             ],
             "thresholds": {"confidence": self.conf_threshold, "iou": self.iou_threshold},
-            "detector": {"model": self.detector.path.name, "version": self.version},
+            "detector": {"model": self.detector.describe()["model"], "version": self.version},
         }
 
 
@@ -450,19 +461,62 @@ def _boxes_by_class(details: dict[str, Any]) -> dict[str, list[np.ndarray]]:
     return by_class
 
 
-@register_reward("matching")
-def matching(**config: Any) -> MatchingReward:
-    """Seed matching score by default; `variant` picks soft, geneval, numeracy or layout."""
-    return MatchingReward(**config)
+# The matching family: one builder (MatchingReward), one registration per variant. These declarations are the one
+# list of variants: the /match schema, the CLI and the engine read it through registry.matching_variants().
+_DETECTION = {"profile_keys": ("conf_threshold", "iou_threshold"), "uses_detector": True}
+MATCHING_DECLARATIONS = (
+    RewardDeclaration(
+        "matching",
+        "detection matching score of the seed paper: detected classes and counts against the prompt's",
+        (0.0, 1.0),
+        "F1 of mean detection confidence and count agreement min(d,n)/max(d,n)",
+        differentiable=True,
+        variant="seed",
+        **_DETECTION,
+    ),
+    RewardDeclaration(
+        "matching_soft",
+        "matching score with a soft count: differentiable in the detection scores",
+        (0.0, 1.0),
+        "F1 of mean detection confidence and P(count = n) under the Poisson-binomial soft count",
+        variant="soft",
+        **_DETECTION,
+    ),
+    RewardDeclaration(
+        "geneval",
+        "GenEval's strict check: counts, excluded objects, relative positions and colours",
+        (0.0, 1.0),
+        "1 if every GenEval check passes, else 0",
+        variant="geneval",
+        **_DETECTION,
+    ),
+    RewardDeclaration(
+        "numeracy",
+        "T2I-CompBench's numeracy score",
+        (0.0, 1.0),
+        "mean over objects of 0.5*[present] + 0.5*[exact count]",
+        variant="numeracy",
+        **_DETECTION,
+    ),
+    RewardDeclaration(
+        "layout",
+        "agreement of detected boxes with target boxes given as metadata",
+        (0.0, 1.0),
+        "mean over target boxes of the best same-class IoU (greedy one-to-one)",
+        variant="layout",
+        **_DETECTION,
+    ),
+)
 
 
-@register_reward("geneval")
-def geneval(**config: Any) -> MatchingReward:
-    config.setdefault("variant", "geneval")
-    return MatchingReward(**config)
+def _register_variant(declared: RewardDeclaration) -> None:
+    def build(**config: Any) -> MatchingReward:
+        config.setdefault("variant", declared.variant)
+        return MatchingReward(**config)
+
+    build.__doc__ = f"{declared.summary} (MatchingReward, variant {declared.variant!r})."
+    register_reward(declared)(build)
 
 
-@register_reward("numeracy")
-def numeracy(**config: Any) -> MatchingReward:
-    config.setdefault("variant", "numeracy")
-    return MatchingReward(**config)
+for _declared in MATCHING_DECLARATIONS:
+    _register_variant(_declared)

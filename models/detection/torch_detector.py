@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -111,6 +112,12 @@ class TorchDetector:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def prepare(self, image: Any) -> None:
+        """Nothing to do ahead: this detector letterboxes inside its (differentiable) forward."""
+
+    def torch_twin(self) -> TorchDetector:
+        return self
 
     def describe(self) -> dict[str, object]:
         return {

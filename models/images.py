@@ -10,6 +10,7 @@ import binascii
 import io
 import os
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,6 +166,23 @@ def load_image(source: Any, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image
     raise ImageError("bad_type", f"cannot read an image from a {type(source).__name__}")
 
 
+# numpy parses a .npy header with ast.literal_eval, and CPython 3.11's AST constructor is not safe to run from
+# several threads at once: decode threads then failed good arrays at random with "SystemError: AST constructor
+# recursion depth mismatch" (python/cpython#106905). Headers are a few hundred bytes: parsing them one at a time
+# costs nothing.
+_NPY_HEADER_LOCK = threading.Lock()
+
+
+def _npy_header(stream: io.BytesIO) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of the .npy file at the start of `stream`; versions 1.0 and 2.0 only."""
+    version = np.lib.format.read_magic(stream)
+    if version not in ((1, 0), (2, 0)):  # 3.0 exists only for structured dtypes with non-latin-1 field names
+        raise ValueError(f"format version {version} is not supported")
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    with _NPY_HEADER_LOCK:
+        return read_header(stream)
+
+
 def read_npy(data: bytes, limits: ImageLimits, check: Callable[[tuple[int, ...], np.dtype], None]) -> np.ndarray:
     """A .npy file's bytes -> an array viewing `data`. The header's dtype and shape are checked (by `check`, which
     raises ImageError) before anything is allocated: a few bytes may declare a 100 GB array. Object arrays are
@@ -173,11 +191,7 @@ def read_npy(data: bytes, limits: ImageLimits, check: Callable[[tuple[int, ...],
         raise ImageError("too_many_bytes", f"array is {len(data)} bytes; the limit is {limits.max_bytes}")
     stream = io.BytesIO(data)
     try:
-        version = np.lib.format.read_magic(stream)
-        if version not in ((1, 0), (2, 0)):  # 3.0 exists only for structured dtypes with non-latin-1 field names
-            raise ValueError(f"format version {version} is not supported")
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran_order, dtype = read_header(stream)
+        shape, fortran_order, dtype = _npy_header(stream)
     except Exception as exc:  # numpy raises ValueError, EOFError, SyntaxError... on malformed headers
         raise ImageError("bad_array", f"not a plain .npy array: {exc}") from None
     if dtype.hasobject:
@@ -214,12 +228,7 @@ def decoded_bytes(data: bytes, npy: bool = False) -> int:
     decoder then refuses it without decoding). npy: `data` is a .npy file."""
     try:
         if npy:
-            stream = io.BytesIO(data)
-            version = np.lib.format.read_magic(stream)
-            read_header = (
-                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            )
-            shape = read_header(stream)[0]
+            shape = _npy_header(io.BytesIO(data))[0]
             height, width = (int(shape[0]), int(shape[1])) if len(shape) >= 2 else (0, 0)
         else:
             with _pil_open()(io.BytesIO(data), formats=list(ALLOWED_FORMATS)) as image:

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from .reference import BoxMatch
+from ..reference import BoxMatch
 
 # Fixed launch configurations (no autotuning: the interpreter cannot run multi-config autotune). Register
 # counts from ptxas for sm_90, fp32 candidates: stage 1 128, stage 3 136, stage 4 90, stage 5 116, with no
@@ -400,7 +400,7 @@ def check_device(interpreted: bool, *tensors: torch.Tensor) -> None:
         return
     raise RuntimeError(
         f"the Triton kernels got {device.type} tensors: they run CUDA tensors, or CPU tensors only in Triton's "
-        "interpreter (set TRITON_INTERPRET=1 before kernels.box_match / kernels.layout_match are imported); "
+        "interpreter (set TRITON_INTERPRET=1 before rewardscope.kernels.triton.* is imported); "
         "use backend='reference' for the torch implementation"
     )
 

@@ -8,8 +8,8 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from ..reference import LayoutMatch
 from .box_match import check_device
-from .reference import LayoutMatch
 
 
 @triton.jit
