@@ -3,6 +3,8 @@ per-item results with error codes, ranking, the /rewards description and metrics
 
 from __future__ import annotations
 
+import base64
+import binascii
 import copy
 import logging
 import os
@@ -42,6 +44,20 @@ log = logging.getLogger(__name__)
 ScorerKey = tuple[tuple[str, ...], str, str | None]
 GroupKey = tuple[tuple[tuple[str, float], ...], str, str | None]  # (weights, profile, matching variant)
 Outcome = tuple[ScoreResult, str, dict[str, str]]  # result, profile, model versions
+
+
+HEADER_PREFIX_CHARS = 4 * (64 * 1024 // 3)  # base64 characters of the first 64 KiB (a multiple of 4)
+
+
+def _peek_size(text: str, npy: bool) -> int:
+    """Decoded RGB bytes from the image header in (a prefix of) a base64 payload; 0 when it cannot be read."""
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    try:
+        data = base64.b64decode(text[: len(text) - len(text) % 4], validate=True)
+    except (binascii.Error, ValueError):
+        return 0
+    return decoded_bytes(data, npy=npy)
 
 
 @dataclass
@@ -155,12 +171,11 @@ class RewardEngine:
         an item fails in prepare without decoding). What the decoded-pixel budget counts, before decoding."""
         sizes = []
         for item in items:
-            try:
-                data = decode_base64(item.image if item.image is not None else item.array or "", self.limits)
-            except ImageError:
-                sizes.append(0)
-                continue
-            sizes.append(decoded_bytes(data, npy=item.image is None))
+            text, npy = (item.image, False) if item.image is not None else (item.array or "", True)
+            # Headers sit at the start: the first 64 KiB decoded is enough for nearly every file (a JPEG's
+            # size follows its EXIF and ICC segments); the whole payload only where it is not.
+            size = _peek_size(text[:HEADER_PREFIX_CHARS], npy) if len(text) > HEADER_PREFIX_CHARS else 0
+            sizes.append(size or _peek_size(text, npy))
         return sizes
 
     def _prepare_one(self, item: ScoreItem, variant: str | None, endpoint: str) -> Prepared:

@@ -134,3 +134,35 @@ def test_an_exif_rotated_pil_image_is_turned_upright_without_touching_the_caller
     assert opened.size == (40, 20)
     upright = Image.new("RGB", (40, 20))
     assert load_image(upright) is upright  # no orientation: no copy on the hot path
+
+
+@pytest.mark.parametrize(
+    "payload, npy, expected",
+    [
+        ("png", False, 2000 * 1000 * 3),
+        ("jpeg", False, 640 * 480 * 3),
+        ("npy", True, 64 * 48 * 3),
+        ("junk", False, 0),
+        ("not base64 at all!", False, 0),
+    ],
+)
+def test_the_decoded_pixel_budget_reads_sizes_from_headers_alone(payload, npy, expected):
+    """The service's admission cost of an item: width x height x 3 from the header of a base64 payload (even a
+    truncated one), 0 where no header can be read (such an item then fails alone, without being decoded)."""
+    import base64
+
+    from rewardscope.service.engine import _peek_size
+
+    buffer = io.BytesIO()
+    if payload == "png":
+        Image.new("RGB", (2000, 1000)).save(buffer, format="PNG")
+    elif payload == "jpeg":
+        Image.new("RGB", (640, 480), (9, 99, 199)).save(buffer, format="JPEG")
+    elif payload == "npy":
+        np.save(buffer, np.zeros((64, 48, 3), np.uint8))
+    else:
+        buffer.write(payload.encode())
+    text = base64.b64encode(buffer.getvalue()).decode() if payload != "not base64 at all!" else payload
+    assert _peek_size(text, npy) == expected
+    if payload == "png":
+        assert _peek_size(text[:100], npy) == expected  # the header alone suffices
