@@ -20,8 +20,8 @@ from torch import nn
 
 from .clip import DEFAULT_CLIP, load_clip
 from .combine import average_ranks
-from .detection.prompt import COCO_CLASSES, COLORS, parse_prompt
 from .hf import ModelNotFoundError, file_sha256
+from .prompt import COCO_CLASSES, COLORS, parse_prompt
 from .registry import RewardDeclaration, register_reward
 from .types import RewardOutput, Sample
 

@@ -28,8 +28,8 @@ from rewardscope.kernels.reference import poisson_binomial
 
 from .clip import ClipBackbone, projected_features
 from .detection.matching import f1_score
-from .detection.prompt import parse_prompt
 from .detection.torch_detector import TorchDetector
+from .prompt import parse_prompt
 from .registry import declaration, declarations
 
 SELECTION_FLOOR = 0.05

@@ -13,7 +13,6 @@ from rewardscope.kernels import ops as kernel_ops
 
 from .detection.detector import DetectorConfig
 from .detection.matching import load_detector
-from .detection.prompt import parse_prompt
 from .hf import (
     PRECISION,
     ModelSource,
@@ -24,6 +23,7 @@ from .hf import (
     single_token_id,
     yes_probability,
 )
+from .prompt import parse_prompt
 from .registry import RewardDeclaration, register_reward
 from .types import RewardOutput, Sample
 

@@ -10,12 +10,11 @@ from typing import Any
 
 from .images import DEFAULT_LIMITS, ImageError, ImageLimits, load_image
 from .profiles import profile_config
+from .prompt import MAX_PROMPT_CHARS
 from .registry import Reward, create_reward, declaration
 from .types import RewardOutput, Sample, ScoreResult
 
 log = logging.getLogger(__name__)
-
-MAX_PROMPT_CHARS = 2000
 
 
 class Scorer:

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .detection.prompt import COCO_CLASSES, ObjectSpec, ParsedPrompt, from_geneval_metadata, parse_prompt
 from .hf import (
     NORMALISATIONS,
     PRECISION,
@@ -26,6 +25,7 @@ from .hf import (
     single_token_id,
     yes_probability,
 )
+from .prompt import COCO_CLASSES, ObjectSpec, ParsedPrompt, from_geneval_metadata, parse_prompt
 from .registry import RewardDeclaration, register_reward
 from .types import RewardOutput, Sample
 

@@ -169,7 +169,7 @@ def cmd_export_detector(args: argparse.Namespace) -> int:
 
     names = None
     if args.names == "coco":
-        from rewardscope.models.detection.prompt import COCO_CLASSES
+        from rewardscope.models.prompt import COCO_CLASSES
 
         names = list(COCO_CLASSES)
     elif args.names:

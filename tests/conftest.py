@@ -86,7 +86,7 @@ def detector(embedded_onnx: Path):
 def yolov8n_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-init yolov8n exported through our exporter with a fixed batch of 2 (offline)."""
     from rewardscope.models.detection.export import export_ultralytics
-    from rewardscope.models.detection.prompt import COCO_CLASSES
+    from rewardscope.models.prompt import COCO_CLASSES
 
     target = tmp_path_factory.mktemp("yolo") / "yolov8n-random.onnx"
     return export_ultralytics("yolov8n.yaml", target, imgsz=320, batch=2, names=COCO_CLASSES)

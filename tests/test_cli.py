@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from rewardscope.models.detection.detector import OnnxDetector
-from rewardscope.models.detection.prompt import COCO_CLASSES
+from rewardscope.models.prompt import COCO_CLASSES
 from rewardscope.service.cli import main
 
 

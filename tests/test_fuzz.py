@@ -28,7 +28,16 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
-from rewardscope.models.detection.prompt import (
+from rewardscope.models.images import (
+    DEFAULT_LIMITS,
+    ImageError,
+    ImageLimits,
+    decode_array,
+    decode_base64,
+    decode_bytes,
+    decode_npy,
+)
+from rewardscope.models.prompt import (
     COCO_CLASSES,
     COLORS,
     MAX_COUNT,
@@ -39,15 +48,6 @@ from rewardscope.models.detection.prompt import (
     from_geneval_metadata,
     parse_prompt,
     to_geneval_metadata,
-)
-from rewardscope.models.images import (
-    DEFAULT_LIMITS,
-    ImageError,
-    ImageLimits,
-    decode_array,
-    decode_base64,
-    decode_bytes,
-    decode_npy,
 )
 from rewardscope.models.registry import matching_variants
 from serving import TOKEN, server_tree

@@ -172,7 +172,7 @@ def test_gradients_of_failed_items_are_zero_and_the_rest_are_kept(torch_detector
 
 def test_a_served_ultralytics_detector_needs_its_torch_twin_configured(yolov8n_onnx, tmp_path, bus):
     from rewardscope.models.detection.matching import MatchingReward
-    from rewardscope.models.detection.prompt import COCO_CLASSES
+    from rewardscope.models.prompt import COCO_CLASSES
     from safetensors.torch import save_file
     from ultralytics.nn.tasks import DetectionModel
 

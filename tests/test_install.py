@@ -87,6 +87,7 @@ def test_the_wheel_installs_exactly_one_import_package(tmp_path):
         for module in (ROOT / folder).rglob("*.py"):
             assert f"rewardscope/{module.relative_to(ROOT).as_posix()}" in names
     assert "rewardscope/service/golden/expectations.json" in names
+    assert "rewardscope/models/prompt_words.json" in names  # the prompt parser's word lists
 
 
 def test_version_changelog_and_entry_points_agree():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from rewardscope.models.detection.matching import geneval_check, numeracy_score, relative_position, seed_score
-from rewardscope.models.detection.prompt import ObjectSpec, ParsedPrompt, Relation
+from rewardscope.models.prompt import ObjectSpec, ParsedPrompt, Relation
 
 
 def slots(*objects):

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from rewardscope.models.clip import GENEVAL_COLORS, load_clip
 from rewardscope.models.detection.matching import geneval_check
-from rewardscope.models.detection.prompt import ObjectSpec, ParsedPrompt
 from rewardscope.models.hf import ModelNotFoundError
 from rewardscope.models.preference import MissingExtraError, load_weights
+from rewardscope.models.prompt import ObjectSpec, ParsedPrompt
 from tiny_clip import make_aesthetic_head, make_tiny_clip, shared_tiny_clip
 from transformers import AutoProcessor, CLIPModel
 

@@ -4,8 +4,8 @@ and conversion to and from GenEval metadata."""
 from __future__ import annotations
 
 import pytest
-from rewardscope.models.detection import prompt as prompt_module
-from rewardscope.models.detection.prompt import (
+from rewardscope.models import prompt as prompt_module
+from rewardscope.models.prompt import (
     COCO_CLASSES,
     COLORS,
     MAX_COUNT,

@@ -4,7 +4,7 @@ relation) plus the whole-prompt question, without any language model."""
 from __future__ import annotations
 
 import pytest
-from rewardscope.models.detection.prompt import parse_prompt
+from rewardscope.models.prompt import parse_prompt
 from rewardscope.models.vqa import Question, generate_questions, prompt_question
 
 CASES = [

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from rewardscope.kernels import ops as kernel_ops
 
+from ..prompt import ObjectSpec, ParsedPrompt, from_geneval_metadata, parse_prompt, to_geneval_metadata
 from ..registry import RewardDeclaration, declaration, matching_variants, register_reward
 from ..types import RewardOutput, Sample
 from .detector import EMBEDDED, Detector, DetectorConfig, OnnxDetector
-from .prompt import ObjectSpec, ParsedPrompt, from_geneval_metadata, parse_prompt, to_geneval_metadata
 
 MAX_LAYOUT_TARGETS = 64
 # GenEval: an offset counts as a relation only beyond this fraction of the two boxes' summed extent.

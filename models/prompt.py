@@ -4,10 +4,12 @@ and convert those parses to and from GenEval's include/exclude metadata."""
 from __future__ import annotations
 
 import functools
+import json
 import re
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 # Parsing conventions (a heuristic parser: no POS tagger, no downloaded model):
@@ -27,23 +29,15 @@ from typing import Any
 # - "no X", "zero X" and "without X" become exclude constraints with count 1 (X must be absent).
 # - parse_prompt never adds GenEval's counting exclude (n + 1 for "n Xs"); to_geneval_metadata adds it.
 
-COCO_CLASSES: tuple[str, ...] = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
-    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-    "teddy bear", "hair drier", "toothbrush",
-)  # fmt: skip
+# The word lists are data (models/prompt_words.json); this module holds the rules that use them.
+_WORDS: dict[str, Any] = json.loads((Path(__file__).with_name("prompt_words.json")).read_text(encoding="utf-8"))
 
-COLORS: tuple[str, ...] = (
-    "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "gray",
-)  # fmt: skip
+# The 80 COCO classes in class-index order, as ultralytics names them (ultralytics/cfg/datasets/coco.yaml).
+COCO_CLASSES: tuple[str, ...] = tuple(_WORDS["coco_classes"])
 
-RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below", "next to")
+COLORS: tuple[str, ...] = tuple(_WORDS["colors"])
+
+RELATIONS: tuple[str, ...] = tuple(_WORDS["relations"])
 
 MAX_PROMPT_CHARS = 2000
 MAX_COUNT = 100
@@ -191,133 +185,32 @@ def _quantity_phrases() -> dict[str, tuple[str, int]]:
 
 
 _MULTIWORD_BOUNDARIES: dict[str, str] = {
-    "in front of": _STOP, "in the middle of": _STOP, "on the left": _STOP, "on the right": _STOP,
-    "such as": _CONJUNCTION, "as well as": _CONJUNCTION, "along with": _CONJUNCTION,
-    "together with": _CONJUNCTION,
-}  # fmt: skip
+    phrase: kind for kind, phrases in _WORDS["multiword_boundaries"].items() for phrase in phrases
+}
 
-_BOUNDARY_WORDS: dict[str, str] = {
-    **dict.fromkeys((",", "and", "or", "plus", "nor"), _CONJUNCTION),
-    **dict.fromkeys(
-        ("without", "not", "isnt", "arent", "doesnt", "dont", "didnt", "wasnt", "werent", "cant", "cannot"),
-        _NEGATION,
-    ),
-    **dict.fromkeys(
-        (
-            "but", "with", "of", "on", "in", "at", "by", "for", "from", "into", "onto", "inside", "through",
-            "across", "along", "around", "behind", "between", "against", "toward", "towards", "while", "as",
-            "than", "like", "to", "up", "down", "off", "out", "during", "after", "before", "within", "upon",
-            "via", "among", "amongst", "throughout", "past", "that", "which", "who", "whom", "whose", "where",
-            "when", "'s", "is", "are", "was", "were", "be", "been", "being", "am", "has", "have", "had", "do",
-            "does", "did", "can", "could", "will", "would", "should", "may", "might", "must", "shall", "then",
-        ),
-        _STOP,
-    ),
-}  # fmt: skip
+_BOUNDARY_WORDS: dict[str, str] = {word: kind for kind, words in _WORDS["boundary_words"].items() for word in words}
 
 # Verbs end a noun phrase ("a dog sits on a mat"), except straight after a determiner, where the same words
 # are nouns ("a watch", "a drink").
-_VERBS = frozenset((
-    "sits", "sit", "sat", "stands", "stand", "stood", "lies", "lie", "lay", "lays", "holds", "hold", "held",
-    "eats", "eat", "ate", "runs", "run", "ran", "jumps", "jump", "jumped", "flies", "fly", "flew", "plays",
-    "play", "looks", "look", "rides", "ride", "rode", "walks", "walk", "sleeps", "sleep", "swims", "swim",
-    "drinks", "drink", "wears", "wear", "wore", "carries", "carry", "carried", "chases", "chase", "watches",
-    "watch", "reads", "read", "waits", "wait", "rests", "rest", "hangs", "hang", "hung", "floats", "float",
-    "grazes", "graze", "stares", "stare", "contains", "contain", "shows", "show", "appears", "appear",
-    "made", "filled", "covered", "parked", "placed", "located", "topped", "surrounded", "seen", "shown",
-    "perched", "dressed", "goes", "go", "went", "gets", "get", "sees", "see", "uses", "use", "gives",
-    "takes", "take", "makes", "make", "feeds", "hugs", "kisses", "pulls", "pushes", "climbs", "crosses",
-    "faces", "leans", "meets", "catches", "throws", "kicks", "hits", "bites", "licks", "drives", "rolls",
-    "lands", "hides", "hide", "sings", "smiles", "waves", "poses", "posing",
-))  # fmt: skip
+_VERBS = frozenset(_WORDS["verbs"])
 
 # "-ing" words that are nouns, so they do not end a phrase.
-_ING_NOUNS = frozenset((
-    "building", "ceiling", "clothing", "string", "spring", "swing", "thing", "evening", "morning", "wedding",
-    "pudding", "icing", "frosting", "sibling", "duckling", "dumpling", "earring", "railing", "awning",
-    "stuffing", "topping", "filling", "lightning", "painting", "drawing", "rendering", "sling", "ring",
-    "king", "wing", "offspring", "seedling", "gosling", "herring", "darling", "viking", "ping",
-))  # fmt: skip
+_ING_NOUNS = frozenset(_WORDS["ing_nouns"])
 
 # Words that can end a phrase without being a noun the detector failed to see: picture media ("a photo of"),
 # positions, common adjectives, adverbs and pronouns.
-_NON_NOUN_WORDS = frozenset((
-    "photo", "photograph", "photography", "image", "picture", "pic", "painting", "drawing", "illustration",
-    "sketch", "render", "rendering", "artwork", "shot", "closeup", "close", "view", "portrait", "depiction",
-    "scene", "cartoon", "snapshot", "selfie", "style", "quality", "resolution", "detail", "details",
-    "version", "kind", "type", "sort", "lot", "lots", "bunch", "group", "number", "amount", "pair", "couple",
-    "dozen", "side", "left", "right", "top", "bottom", "middle", "center", "centre", "front", "back",
-    "background", "foreground", "distance", "corner", "big", "small", "large", "tiny", "little", "huge",
-    "giant", "tall", "short", "long", "old", "young", "new", "cute", "pretty", "happy", "sad", "angry",
-    "funny", "realistic", "photorealistic", "hyperrealistic", "cinematic", "vibrant", "dark", "bright",
-    "sunny", "cloudy", "rainy", "snowy", "wooden", "metallic", "fluffy", "furry", "shiny", "single", "lone",
-    "only", "other", "others", "same", "different", "whole", "entire", "empty", "full", "open", "hot",
-    "cold", "warm", "wet", "dry", "clean", "dirty", "fresh", "ripe", "round", "flat", "soft", "hard",
-    "heavy", "fancy", "modern", "vintage", "ancient", "famous", "natural", "real", "fake", "wild",
-    "domestic", "massive", "enormous", "miniature", "mini", "adorable", "lovely", "gorgeous", "ugly",
-    "strange", "weird", "abstract", "digital", "surreal", "minimalist", "very", "really", "quite", "so",
-    "too", "also", "just", "even", "still", "together", "alone", "apart", "outside", "indoors", "outdoors",
-    "nearby", "here", "there", "away", "today", "now", "again", "all", "any", "first", "second", "third",
-    "last", "next", "main", "such", "own", "high", "low", "pale", "deep", "plain", "simple", "good", "bad",
-    "best", "nice", "great", "cool", "sharp", "hd", "hdr", "uhd", "dslr", "bokeh", "trending", "gold",
-    "golden", "silver", "beige", "cyan", "magenta", "violet", "turquoise", "navy", "maroon", "teal", "tan",
-    "crimson", "it", "they", "them", "he", "she", "him", "hers", "theirs", "we", "us", "you", "i", "me",
-    "ones", "something", "someone", "somebody", "anything", "anyone", "everything", "everyone", "nothing",
-    "nobody", "itself", "themselves", "himself", "herself", "what", "how", "why", "yes", "please", "taller",
-    "shorter", "bigger", "smaller", "larger", "higher", "lower", "longer", "older", "younger", "darker",
-    "brighter", "wider", "closer", "further", "farther", "more", "most", "less", "least", "much",
-))  # fmt: skip
+_NON_NOUN_WORDS = frozenset(_WORDS["non_noun_words"])
 
 # Synonyms onto a vocabulary name. Each group is matched against the vocabulary: when the canonical name is
 # absent but another member is present (a VOC-style "tvmonitor" or "sofa"), the group maps onto that one.
-_SYNONYMS: dict[str, tuple[str, ...]] = {
-    "person": (
-        "man", "woman", "boy", "girl", "child", "kid", "baby", "lady", "gentleman", "guy", "player", "human",
-        "toddler", "teenager", "pedestrian", "skier", "surfer", "skateboarder", "snowboarder",
-    ),
-    "dog": ("puppy",),
-    "cat": ("kitten", "kitty"),
-    "motorcycle": ("motorbike",),
-    "bicycle": ("bike",),
-    "couch": ("sofa",),
-    "airplane": ("aeroplane", "plane", "jet", "airliner", "aircraft"),
-    "tv": ("tvmonitor", "television", "tv set", "television set", "tv monitor"),
-    "dining table": ("diningtable", "table"),
-    "potted plant": ("pottedplant", "houseplant", "plant in a pot"),
-    "cell phone": ("cellphone", "phone", "mobile phone", "smartphone"),
-    "hair drier": ("hairdryer", "hair dryer", "hairdrier", "blow dryer"),
-    "donut": ("doughnut",),
-    "refrigerator": ("fridge",),
-    "sports ball": ("ball",),
-    "wine glass": ("glass of wine", "wineglass"),
-    "cup": ("mug", "teacup"),
-    "car": ("automobile",),
-    "boat": ("ship", "sailboat"),
-    "teddy bear": ("teddy", "teddybear"),
-    "mouse": ("computer mouse",),
-    "remote": ("remote control",),
-    "handbag": ("purse",),
-    "tennis racket": ("racket", "racquet", "tennis racquet"),
-    "fire hydrant": ("hydrant",),
-    "hot dog": ("hotdog",),
-    "skis": ("ski",),
-    "scissors": ("scissor",),
-    "truck": ("lorry",),
-    "backpack": ("rucksack",),
-    "microwave": ("microwave oven",),
-    "toothbrush": ("tooth brush",),
-    "traffic light": ("stoplight", "traffic signal"),
-}  # fmt: skip
+_SYNONYMS: dict[str, tuple[str, ...]] = {name: tuple(words) for name, words in _WORDS["synonyms"].items()}
 
 # Classes whose one detection is a pair, so "a pair of" asks for one of them.
-_PAIR_CLASSES = frozenset(("skis", "scissors"))
+_PAIR_CLASSES = frozenset(_WORDS["pair_classes"])
 
-_SINGULAR_OVERRIDES = {"cacti": "cactus", "fungi": "fungus", "octopi": "octopus", "dice": "dice"}
+_SINGULAR_OVERRIDES: dict[str, str] = _WORDS["singular_overrides"]
 # inflect strips the "s" of these singulars ("bus" -> "bu"), so they are never singularised.
-_ALREADY_SINGULAR = frozenset((
-    "gas", "canvas", "atlas", "christmas", "lens", "news", "series", "species", "jeans", "pants", "shorts",
-    "clothes", "sheep", "fish", "deer", "moose", "bison", "aircraft", "skis", "scissors",
-))  # fmt: skip
+_ALREADY_SINGULAR = frozenset(_WORDS["already_singular"])
 _ALREADY_SINGULAR_SUFFIXES = ("ss", "us", "is", "ics")
 
 _WORD_PATTERN = re.compile(r"'s\b|[^\W_]+|[,.;:!?()\[\]{}/|&+]")
