@@ -26,7 +26,7 @@ from rewardscope.models.detection.detector import (
     letterbox_batch,  # noqa: E402
     single_threaded,  # noqa: E402
 )
-from rewardscope.service import folders  # noqa: E402
+from rewardscope.service.tools import folders  # noqa: E402
 
 from rewardscope import Scorer  # noqa: E402
 

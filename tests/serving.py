@@ -80,7 +80,16 @@ def running_server(env: dict[str, str] | None = None, ready: bool = True, timeou
     # the server: CI runs on a clean clone, and left behind, these pile up on its disk.
     with tempfile.TemporaryDirectory(prefix="bentoml-home-", ignore_cleanup_errors=True) as home:
         environment = {**os.environ, "BENTOML_DO_NOT_TRACK": "true", "BENTOML_HOME": home, **(env or {})}
-        command = [sys.executable, "-m", "rewardscope.service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        command = [
+            sys.executable,
+            "-m",
+            "rewardscope.service.tools.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
         with serving_process(command, port, environment, "/readyz" if ready else "/livez", "server", timeout) as url:
             yield url
 

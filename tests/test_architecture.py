@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from rewardscope.models.profiles import PROFILES
 from rewardscope.models.registry import RewardDeclaration, declaration, declarations, matching_variants
-from rewardscope.service import cli
 from rewardscope.service.engine import RewardEngine
 from rewardscope.service.schemas import MatchItem
 from rewardscope.service.settings import ServiceSettings
+from rewardscope.service.tools import cli
 
 from rewardscope import Scorer, list_rewards
 
@@ -172,7 +172,7 @@ def test_a_new_reward_is_discovered_without_editing_a_list(tmp_path, bus_path):
     found = json.loads(probe.stdout.strip().splitlines()[-1])
     assert found["listed"]
     assert found["described"]["summary"] == "fraction of red in the image" and found["described"]["range"] == [0, 1]
-    command = [sys.executable, "-m", "rewardscope.service.cli", "score", str(bus_path), "--prompt", "a bus"]
+    command = [sys.executable, "-m", "rewardscope.service.tools.cli", "score", str(bus_path), "--prompt", "a bus"]
     scored = subprocess.run([*command, "--rewards", "throwaway"], env=env, capture_output=True, text=True, timeout=600)
     assert scored.returncode == 0, scored.stderr[-3000:]
     value = json.loads(scored.stdout.strip().splitlines()[-1])["rewards"]["throwaway"]
@@ -196,3 +196,13 @@ def test_a_reward_takes_a_detector_by_registered_name_path_or_object(bus_path, e
     assert scored["TorchDetector"] == pytest.approx(scored["OnnxDetector"], abs=0.02)
     with pytest.raises(TypeError, match="Detector"):
         Scorer(["matching"], config={"matching": {"detector": 42}})
+
+
+def test_the_offline_tools_never_import_the_http_app():
+    offenders = {
+        f"{path.relative_to(ROOT)} imports {name}"
+        for path in (ROOT / "service" / "tools").rglob("*.py")
+        for name in imported_modules(path, package_of(path))
+        if name.startswith(("rewardscope.service.app", "bentoml"))
+    }
+    assert offenders == set()

@@ -6,7 +6,7 @@ import json
 
 from rewardscope.models.detection.detector import OnnxDetector
 from rewardscope.models.prompt import COCO_CLASSES
-from rewardscope.service.cli import main
+from rewardscope.service.tools.cli import main
 
 
 def test_score_prints_one_json_line_per_image_and_keeps_going_past_a_bad_one(bus_path, tmp_path, capsys):

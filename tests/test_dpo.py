@@ -13,11 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from rewardscope.models.combine import combine, likelihood_weights
-from rewardscope.service.cli import main
-from rewardscope.service.dpo import export_dpo_pairs, read_candidate_groups
 from rewardscope.service.engine import RewardEngine
 from rewardscope.service.schemas import ImageInput, RankGroup, RankOptions
 from rewardscope.service.settings import ServiceSettings
+from rewardscope.service.tools.cli import main
+from rewardscope.service.tools.dpo import export_dpo_pairs, read_candidate_groups
 from tiny_clip import shared_tiny_clip
 
 from rewardscope import Scorer

@@ -18,9 +18,9 @@ from rewardscope.models.feedback import (
 )
 from rewardscope.models.hf import ModelNotFoundError
 from rewardscope.models.registry import is_registered, split_reward_name
-from rewardscope.service.cli import main
 from rewardscope.service.engine import RewardEngine
 from rewardscope.service.settings import ServiceSettings
+from rewardscope.service.tools.cli import main
 from tiny_clip import make_labelled_set, shared_tiny_clip
 
 from rewardscope import Scorer, create_reward

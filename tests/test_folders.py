@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from rewardscope.service import folders
-from rewardscope.service.cli import main
+from rewardscope.service.tools import folders
+from rewardscope.service.tools.cli import main
 from serving import ROOT
 
 GENEVAL_PROMPTS = [
@@ -153,7 +153,7 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_rows(tmp_path, assets
     command = [
         sys.executable,
         "-m",
-        "rewardscope.service.cli",
+        "rewardscope.service.tools.cli",
         "score",
         str(flat),
         "--batch-size",

@@ -96,7 +96,7 @@ def test_version_changelog_and_entry_points_agree():
 
     assert rewardscope.__version__ == project["version"] == importlib.metadata.version("rewardscope")
     assert f"## {project['version']}" in (ROOT / "CHANGELOG.md").read_text()
-    assert project["scripts"]["rewardscope"] == "rewardscope.service.cli:main"
+    assert project["scripts"]["rewardscope"] == "rewardscope.service.tools.cli:main"
     assert "service: rewardscope.service.app:RewardService" in (ROOT / "bentofile.yaml").read_text()
 
 

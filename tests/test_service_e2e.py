@@ -281,7 +281,7 @@ def test_a_corrupted_golden_expectation_keeps_the_service_not_ready(tmp_path):
 def test_the_service_refuses_remote_listening_without_a_token():
     env = {key: value for key, value in os.environ.items() if key != "REWARDSCOPE_TOKEN"}
     result = subprocess.run(
-        [sys.executable, "-m", "rewardscope.service.cli", "serve", "--host", "0.0.0.0", "--port", "1"],
+        [sys.executable, "-m", "rewardscope.service.tools.cli", "serve", "--host", "0.0.0.0", "--port", "1"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from rewardscope.models.combine import combine, preference_pair
+from rewardscope.models.images import IMAGE_SUFFIXES
 from rewardscope.models.scorer import Scorer
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 PROMPTS_FILE, PROMPT_FILE = "prompts.jsonl", "prompt.txt"
 
 

@@ -82,7 +82,7 @@ def build_scorer(weights: dict[str, float], variant: str | None = None, profile:
 
 def _reward_config(weights: dict[str, float], variant: str | None) -> dict[str, dict]:
     """What the service would pass for these rewards (REWARDSCOPE_CONFIG, REWARDSCOPE_DETECTOR), plus --variant."""
-    from .settings import ServiceSettings
+    from ..settings import ServiceSettings
 
     config = ServiceSettings.from_env().reward_config(list(weights))
     if variant and "matching" in weights:
@@ -222,7 +222,7 @@ def cmd_train_reward(args: argparse.Namespace) -> int:
 
 def cmd_dpo_pairs(args: argparse.Namespace) -> int:
     from rewardscope.models.scorer import Scorer
-    from rewardscope.service.dpo import export_dpo_pairs
+    from rewardscope.service.tools.dpo import export_dpo_pairs
 
     weights = dict(_parse_weight(item) for item in args.rewards)
     config = json.loads(args.config) if args.config else {}
