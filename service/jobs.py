@@ -84,6 +84,11 @@ class JobStore:
             self._purge()
             return cursor.rowcount
 
+    def purge(self) -> None:
+        """Delete the finished jobs older than the retention time."""
+        with self._lock:
+            self._purge()
+
     def _purge(self) -> None:
         self._db.execute(
             "DELETE FROM jobs WHERE finished IS NOT NULL AND finished < ?", (time.time() - self.limits.retention_s,)
@@ -230,12 +235,13 @@ class JobRunner:
 
     async def _run(self) -> None:
         while True:
+            self._wake.clear()  # before looking: a submission from now on wakes the wait below
             taken = await asyncio.to_thread(self.store.take)
             self.on_change()
             if taken is None:
-                self._wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), 60)  # also purges expired jobs now and then
+                    await asyncio.wait_for(self._wake.wait(), 60)
+                await asyncio.to_thread(self.store.purge)  # expired results go even when nobody submits
                 continue
             await self._run_job(*taken)
 

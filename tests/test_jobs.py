@@ -4,8 +4,10 @@ finished job survives a restart, a job killed mid-run is reported failed with th
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import json
 import os
 import signal
 import sqlite3
@@ -26,6 +28,7 @@ from rewardscope.service.jobs import (
     SUCCESS,
     JobLimits,
     JobRefused,
+    JobRunner,
     JobStore,
 )
 from rewardscope_client import RewardClient, RewardServiceError
@@ -101,6 +104,41 @@ def test_finished_jobs_are_purged_after_the_retention_time(tmp_path):
         db.execute("UPDATE jobs SET finished = finished - 7200 WHERE id = ?", (old,))
     store.submit(b"[3]", 1)  # every submission purges first
     assert store.status(old) is None and store.status(recent)["status"] == SUCCESS
+
+
+def test_the_runner_runs_queued_jobs_in_slices_and_stops_a_cancelled_one(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    done = store.submit(json.dumps([1, 2, 3]).encode(), 3)
+    cancelled = store.submit(json.dumps([4, 5, 6, 7]).encode(), 4)
+    slices: list[list[int]] = []
+
+    async def score(items):
+        slices.append(list(items))
+        if items[0] == 4:
+            store.cancel(cancelled)  # cancelled while its first slice is scoring
+        return [item * 10 for item in items]
+
+    async def until(condition):
+        deadline = time.monotonic() + 20  # a liveness bound, far below the runner's 60 s idle wait
+        while not condition():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+
+    async def scenario():
+        runner = JobRunner(store, json.loads, score, lambda answers: json.dumps(answers).encode(), slice_items=2)
+        runner.start()
+        await until(lambda: store.status(cancelled)["status"] == CANCELLED and store.status(done)["status"] == SUCCESS)
+        await asyncio.sleep(0.1)  # the runner is idle now, waiting
+        late = store.submit(b"[8]", 1)
+        runner.wake()  # what the submit endpoint does: an idle runner takes the job at once
+        await until(lambda: store.status(late)["status"] == SUCCESS)
+        await runner.stop()
+        return late
+
+    late = asyncio.run(scenario())
+    assert slices == [[1, 2], [3], [4, 5], [8]]
+    assert store.result(done) == (SUCCESS, b"[10, 20, 30]", None)
+    assert store.result(cancelled)[0] == CANCELLED and store.result(late)[1] == b"[80]"
 
 
 # ---------------------------------------------------------------------------------------------------------------
