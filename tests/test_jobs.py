@@ -182,7 +182,9 @@ def test_score_is_served_while_a_large_job_runs(token_server):
 
 @pytest.mark.slow
 def test_a_finished_job_survives_a_restart_and_a_job_killed_mid_run_is_reported_failed(tmp_path):
-    env = {"REWARDSCOPE_TOKEN": TOKEN, "REWARDSCOPE_JOBS_DIR": str(tmp_path)}
+    # TMPDIR: a killed BentoML leaves its socket folders behind; here they go with tmp_path, not into /tmp.
+    (tmp_path / "tmp").mkdir()
+    env = {"REWARDSCOPE_TOKEN": TOKEN, "REWARDSCOPE_JOBS_DIR": str(tmp_path), "TMPDIR": str(tmp_path / "tmp")}
     with running_server(env) as base_url, httpx.Client(base_url=base_url, headers=AUTH, timeout=120) as http:
         done = http.post("/jobs/score/submit", json={"items": [small_jpeg_item()] * 3}).json()["task_id"]
         wait_status(http, done, {SUCCESS})
