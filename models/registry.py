@@ -67,8 +67,10 @@ class Reward(Protocol):
 
 
 _REGISTRY: dict[str, tuple[Callable[..., Reward], RewardDeclaration]] = {}
-_DISCOVERY_LOCK = threading.Lock()
+# Re-entrant: a module imported during discovery may itself ask the registry (list_rewards, declaration).
+_DISCOVERY_LOCK = threading.RLock()
 _discovered = False
+_DISCOVERING: list[bool] = []  # non-empty while this thread imports the reward modules
 
 
 def register_reward(declaration: RewardDeclaration) -> Callable[[Callable[..., Reward]], Callable[..., Reward]]:
@@ -102,16 +104,24 @@ def _discover() -> None:
     if _discovered:
         return
     with _DISCOVERY_LOCK:
-        if _discovered:
+        if _discovered or _DISCOVERING:
             return
-        for name in _package_modules(__package__):
-            importlib.import_module(name)
-        for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-            try:
-                entry_point.load()
-            except Exception:  # one broken plugin must not take the built-in rewards down
-                log.exception("reward entry point %s failed to load", entry_point.value)
+        _DISCOVERING.append(True)
+        try:
+            _import_rewards()
+        finally:
+            _DISCOVERING.clear()
         _discovered = True
+
+
+def _import_rewards() -> None:
+    for name in _package_modules(__package__):
+        importlib.import_module(name)
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            entry_point.load()
+        except Exception:  # one broken plugin must not take the built-in rewards down
+            log.exception("reward entry point %s failed to load", entry_point.value)
 
 
 def split_reward_name(name: str) -> tuple[str, str | None]:

@@ -124,8 +124,11 @@ def test_http_cli_and_python_resolve_a_profile_to_the_same_settings():
 
 THROWAWAY = '''
 """A reward living in another distribution, registered through the rewardscope.rewards entry point."""
-from rewardscope.models.registry import RewardDeclaration, register_reward
+from rewardscope.models.registry import RewardDeclaration, list_rewards, register_reward
 from rewardscope.models.types import RewardOutput
+
+# A plugin may ask the registry while the registry is importing it: no deadlock, the rewards found so far.
+KNOWN_AT_IMPORT = list_rewards()
 
 
 @register_reward(RewardDeclaration("throwaway", "fraction of red in the image", (0.0, 1.0), "mean red channel / 255"))
