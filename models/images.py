@@ -240,13 +240,35 @@ def decoded_bytes(data: bytes, npy: bool = False) -> int:
     return max(0, width) * max(0, height) * 3
 
 
+def _base64_body(text: str) -> str:
+    """The base64 of a payload: data URLs (data:image/png;base64,....) are tolerated."""
+    return text.split(",", 1)[1] if text.startswith("data:") and "," in text else text
+
+
 def decode_base64(text: str, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
     """Strict base64 -> bytes, refusing input whose decoded size would pass the byte limit."""
     if len(text) * 3 // 4 > limits.max_bytes + 3:
         raise ImageError("too_many_bytes", f"payload decodes to more than {limits.max_bytes} bytes")
-    if text.startswith("data:") and "," in text:  # tolerate data URLs: data:image/png;base64,....
-        text = text.split(",", 1)[1]
     try:
-        return base64.b64decode(text, validate=True)
+        return base64.b64decode(_base64_body(text), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ImageError("bad_base64", f"image is not valid base64: {exc}") from None
+
+
+# Headers sit at the start: the first 64 KiB decoded is enough for nearly every file (a JPEG's size follows its
+# EXIF and ICC segments), so only that much is decoded unless the header lies further.
+HEADER_PREFIX_CHARS = 4 * (64 * 1024 // 3)  # base64 characters of the first 64 KiB (a multiple of 4)
+
+
+def decoded_bytes_of_base64(text: str, npy: bool = False) -> int:
+    """decoded_bytes of a base64 payload, decoding its first 64 KiB (all of it only where the header lies beyond);
+    0 when no header can be read."""
+    body = _base64_body(text)
+    for part in (body[:HEADER_PREFIX_CHARS], body) if len(body) > HEADER_PREFIX_CHARS else (body,):
+        try:
+            size = decoded_bytes(base64.b64decode(part[: len(part) - len(part) % 4], validate=True), npy=npy)
+        except (binascii.Error, ValueError):
+            return 0
+        if size:
+            return size
+    return 0

@@ -220,10 +220,7 @@ class RewardService:
         try:
             job_id = await asyncio.to_thread(self.jobs.submit, payload, len(items))
         except JobRefused as exc:
-            metrics.REFUSALS.labels(reason=exc.reason).inc()
-            log.warning("job refused: %s", exc)
-            headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
-            return JSONResponse({"error": str(exc), "reason": exc.reason}, status_code=exc.status, headers=headers)
+            return refused(exc.status, exc.reason, str(exc), exc.retry_after_s)
         self._observe_jobs()
         self.job_runner.start()
         self.job_runner.wake()
@@ -237,15 +234,18 @@ class RewardService:
         return content if "rewardscope_" in content else content + metrics.render()
 
 
+def refused(status: int, reason: str, message: str, retry_after_s: int | None = None) -> JSONResponse:
+    """A refusal an endpoint answers itself, shaped as the guard's (`error`, `reason`, Retry-After): counted, logged
+    in one line (BentoML would hide the reason of a raised 5xx and log a traceback)."""
+    metrics.REFUSALS.labels(reason=reason).inc()
+    log.warning("refused (%s): %s", reason, message)
+    headers = {"Retry-After": str(retry_after_s)} if retry_after_s else None
+    return JSONResponse({"error": message, "reason": reason}, status_code=status, headers=headers)
+
+
 def refusal(exc: Overloaded) -> JSONResponse:
-    """A 503 an endpoint answers itself (BentoML would hide the reason of a raised 5xx and log a traceback)."""
-    metrics.REFUSALS.labels(reason="latency_budget").inc()
-    log.warning("refused: %s", exc)
-    return JSONResponse(
-        {"error": str(exc), "reason": "latency_budget"},
-        status_code=503,
-        headers={"Retry-After": str(exc.retry_after_s)},
-    )
+    """The 503 of a request that met the latency budget after the guard let it in."""
+    return refused(503, "latency_budget", str(exc), exc.retry_after_s)
 
 
 class _Info:
@@ -307,9 +307,12 @@ async def score_upload_view(request: Request) -> JSONResponse:
     return JSONResponse([result.model_dump() for result in service.engine.score_answers(outcomes)])
 
 
-def _job_id(request: Request) -> str | None:
-    job_id = request.query_params.get("task_id", "")
-    return job_id if JOB_ID.fullmatch(job_id) else None
+async def _on_job(request: Request, action: str) -> tuple[str | None, Any]:
+    """(job id, what JobStore.<action>(id) answered), or (None, None) for a malformed or unknown id."""
+    job_id, service = request.query_params.get("task_id", ""), _INFO.service
+    if service is None or not JOB_ID.fullmatch(job_id):
+        return None, None
+    return job_id, await asyncio.to_thread(getattr(service.jobs, action), job_id)
 
 
 def _unknown_job() -> JSONResponse:
@@ -317,14 +320,12 @@ def _unknown_job() -> JSONResponse:
 
 
 async def job_status_view(request: Request) -> JSONResponse:
-    job_id, service = _job_id(request), _INFO.service
-    found = await asyncio.to_thread(service.jobs.status, job_id) if job_id and service else None
+    _, found = await _on_job(request, "status")
     return JSONResponse(found) if found else _unknown_job()
 
 
 async def job_result_view(request: Request) -> Response:
-    job_id, service = _job_id(request), _INFO.service
-    found = await asyncio.to_thread(service.jobs.result, job_id) if job_id and service else None
+    _, found = await _on_job(request, "result")
     if found is None:
         return _unknown_job()
     status, result, error = found
@@ -335,19 +336,18 @@ async def job_result_view(request: Request) -> Response:
 
 
 async def job_cancel_view(request: Request) -> JSONResponse:
-    job_id, service = _job_id(request), _INFO.service
-    status = await asyncio.to_thread(service.jobs.cancel, job_id) if job_id and service else None
+    job_id, status = await _on_job(request, "cancel")
     if status is None:
         return _unknown_job()
-    service._observe_jobs()
+    _INFO.service._observe_jobs()
     return JSONResponse({"task_id": job_id, "status": status})
 
 
 async def job_delete_view(request: Request) -> JSONResponse:
-    job_id, service = _job_id(request), _INFO.service
-    if not (job_id and service and await asyncio.to_thread(service.jobs.delete, job_id)):
+    job_id, deleted = await _on_job(request, "delete")
+    if not deleted:
         return _unknown_job()
-    service._observe_jobs()
+    _INFO.service._observe_jobs()
     return JSONResponse({"task_id": job_id, "deleted": True})
 
 

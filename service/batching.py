@@ -30,7 +30,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -91,6 +91,15 @@ class Budget:
                 self._grant()  # those queued behind it may fit now
             raise
 
+    @contextlib.asynccontextmanager
+    async def holding(self, count: int) -> AsyncIterator[None]:
+        """`count` units acquired for the body of the `async with`, released after it."""
+        await self.acquire(count)
+        try:
+            yield
+        finally:
+            self.release(count)
+
     def _hold(self, count: int) -> None:
         self.held += count
         if self.on_change is not None:
@@ -141,9 +150,8 @@ class Batcher(Generic[S, T, R]):
         self.busy = 0  # lanes running a batch
         self._running: set[asyncio.Task[None]] = set()
         self.ahead = Budget(max_ahead_items)
-        self.ahead_bytes = Budget(
-            max_ahead_bytes, observe_decoded
-        )  # decoded bytes (from image headers) held ahead of answers
+        # Decoded bytes (from image headers) held ahead of the answers.
+        self.ahead_bytes = Budget(max_ahead_bytes, observe_decoded)
         self.max_request_bytes = min(max_request_bytes or max_ahead_bytes, max_ahead_bytes)
         self.background_ahead = 0  # items of background requests among those the budgets hold or queue for
         self.max_batch_size = max_batch_size
@@ -217,16 +225,9 @@ class Batcher(Generic[S, T, R]):
         if background:
             self.background_ahead += len(raw)
         try:
-            await self.ahead.acquire(len(raw))
-            try:
-                await self.ahead_bytes.acquire(decoded_bytes)
-                try:
-                    items = await asyncio.get_running_loop().run_in_executor(None, prepare, raw)
-                    return await self._batched(items, background)
-                finally:
-                    self.ahead_bytes.release(decoded_bytes)
-            finally:
-                self.ahead.release(len(raw))
+            async with self.ahead.holding(len(raw)), self.ahead_bytes.holding(decoded_bytes):
+                items = await asyncio.get_running_loop().run_in_executor(None, prepare, raw)
+                return await self._batched(items, background)
         finally:
             if background:
                 self.background_ahead -= len(raw)

@@ -3,8 +3,6 @@ per-item results with error codes, ranking, the /rewards description and metrics
 
 from __future__ import annotations
 
-import base64
-import binascii
 import copy
 import logging
 import os
@@ -19,8 +17,15 @@ from typing import Any
 from PIL import Image
 from rewardscope.models.combine import combine, likelihood_weights, preference_pair, rank_candidates
 from rewardscope.models.detection.detector import single_threaded
-from rewardscope.models.images import ImageError, ImageLimits, decode_base64, decode_npy, decoded_bytes, load_image
-from rewardscope.models.profiles import PROFILES, describe_profiles
+from rewardscope.models.images import (
+    ImageError,
+    ImageLimits,
+    decode_base64,
+    decode_npy,
+    decoded_bytes_of_base64,
+    load_image,
+)
+from rewardscope.models.profiles import describe_profiles, get_profile
 from rewardscope.models.registry import is_registered, list_rewards
 from rewardscope.models.scorer import Scorer
 from rewardscope.models.types import ScoreResult
@@ -44,20 +49,6 @@ log = logging.getLogger(__name__)
 ScorerKey = tuple[tuple[str, ...], str, str | None]
 GroupKey = tuple[tuple[tuple[str, float], ...], str, str | None]  # (weights, profile, matching variant)
 Outcome = tuple[ScoreResult, str, dict[str, str]]  # result, profile, model versions
-
-
-HEADER_PREFIX_CHARS = 4 * (64 * 1024 // 3)  # base64 characters of the first 64 KiB (a multiple of 4)
-
-
-def _peek_size(text: str, npy: bool) -> int:
-    """Decoded RGB bytes from the image header in (a prefix of) a base64 payload; 0 when it cannot be read."""
-    if text.startswith("data:") and "," in text:
-        text = text.split(",", 1)[1]
-    try:
-        data = base64.b64decode(text[: len(text) - len(text) % 4], validate=True)
-    except (binascii.Error, ValueError):
-        return 0
-    return decoded_bytes(data, npy=npy)
 
 
 @dataclass
@@ -113,8 +104,10 @@ class RewardEngine:
 
     def resolve_profile(self, profile: str | None) -> str:
         profile = profile or self.settings.profile
-        if profile not in PROFILES:
-            raise RequestItemError("unknown_profile", f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
+        try:
+            get_profile(profile)
+        except ValueError as exc:
+            raise RequestItemError("unknown_profile", str(exc)) from None
         return profile
 
     def scorer(self, weights: dict[str, float], profile: str, variant: str | None = None) -> Scorer:
@@ -154,7 +147,7 @@ class RewardEngine:
 
     # -- Items -------------------------------------------------------------------------------------------
     def _image(self, item: ImageInput, rewards: Sequence[str]) -> Any:
-        """Transport decoding (base64, .npy), then the one image decoder (service.images.load_image) ahead of the
+        """Transport decoding (base64, .npy), then the one image decoder (models/images.py load_image) ahead of the
         model thread. An image that fails to decode fails its item here (ImageError), decoded once, not again by
         the Scorer."""
         if item.image is not None:
@@ -169,14 +162,12 @@ class RewardEngine:
     def decoded_sizes(self, items: Sequence[ImageInput]) -> list[int]:
         """Each item's decoded RGB bytes, from its image header (0 where the transport or header is unreadable: such
         an item fails in prepare without decoding). What the decoded-pixel budget counts, before decoding."""
-        sizes = []
-        for item in items:
-            text, npy = (item.image, False) if item.image is not None else (item.array or "", True)
-            # Headers sit at the start: the first 64 KiB decoded is enough for nearly every file (a JPEG's
-            # size follows its EXIF and ICC segments); the whole payload only where it is not.
-            size = _peek_size(text[:HEADER_PREFIX_CHARS], npy) if len(text) > HEADER_PREFIX_CHARS else 0
-            sizes.append(size or _peek_size(text, npy))
-        return sizes
+        return [
+            decoded_bytes_of_base64(item.image, npy=False)
+            if item.image is not None
+            else decoded_bytes_of_base64(item.array or "", npy=True)
+            for item in items
+        ]
 
     def _prepare_one(self, item: ScoreItem, variant: str | None, endpoint: str) -> Prepared:
         profile = item.profile or self.settings.profile

@@ -151,7 +151,7 @@ def test_the_decoded_pixel_budget_reads_sizes_from_headers_alone(payload, npy, e
     truncated one), 0 where no header can be read (such an item then fails alone, without being decoded)."""
     import base64
 
-    from rewardscope.service.engine import _peek_size
+    from rewardscope.models.images import decoded_bytes_of_base64
 
     buffer = io.BytesIO()
     if payload == "png":
@@ -163,6 +163,6 @@ def test_the_decoded_pixel_budget_reads_sizes_from_headers_alone(payload, npy, e
     else:
         buffer.write(payload.encode())
     text = base64.b64encode(buffer.getvalue()).decode() if payload != "not base64 at all!" else payload
-    assert _peek_size(text, npy) == expected
+    assert decoded_bytes_of_base64(text, npy) == expected
     if payload == "png":
-        assert _peek_size(text[:100], npy) == expected  # the header alone suffices
+        assert decoded_bytes_of_base64(text[:100], npy) == expected  # the header alone suffices
