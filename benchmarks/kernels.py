@@ -120,6 +120,21 @@ def roofline(
     ]
 
 
+def print_header(header: str) -> None:
+    """A markdown table's header row and the separator row under it, one run of dashes per column."""
+    print(header)
+    print("|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|")
+
+
+def cases(batches: list[int], device: str):
+    """(batch, N, candidates, class_ids, requested) for every candidate count and batch size, in table order."""
+    for num in SIZES:
+        for batch in batches:
+            candidates = yolo_like_candidates(batch, num, NUM_CLASSES, device)
+            class_ids, requested = prompt(batch, device)
+            yield batch, num, candidates, class_ids, requested
+
+
 def print_roofline() -> None:
     print("\nRoofline of the fused Triton box_match per image (C = 80, T = min(1000, N), M = 100, K = 4, fp32)")
     print("time = (HBM bytes read + written) / 3.35e12 B/s (H100 SXM, HBM3); L2 re-reads (stage 3 re-reading")
@@ -129,8 +144,7 @@ def print_roofline() -> None:
     for num in SIZES:
         rows = roofline(num)
         print(f"\nN = {num}")
-        print(header)
-        print("|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|")
+        print_header(header)
         for stage, read, written, cached in rows:
             seconds = (read + written) / H100_BANDWIDTH
             print(
@@ -161,55 +175,36 @@ def main() -> None:
 
     if torch.cuda.is_available():
         print(f"\nCUDA: {torch.cuda.get_device_name()} (median of {args.repeats}, after warm-up)")
-        print(f"| {'B':>3s} | {'N':>6s} | {'Triton ms':>9s} | {'torchvision ms':>14s} | {'ratio':>6s} | kept agree |")
-        print("|-----|--------|-----------|----------------|--------|------------|")
-        for num in SIZES:
-            for batch in args.gpu_batches:
-                candidates = yolo_like_candidates(batch, num, NUM_CLASSES, "cuda")
-                class_ids, requested = prompt(batch, "cuda")
-                inputs = (candidates, class_ids, requested)
-                fused = timed(
-                    partial(kernel_ops.box_match, *inputs, CONF, IOU, MAX_DET, TOPK, backend="triton"),
-                    args.repeats,
-                    True,
-                )
-                baseline = timed(partial(torchvision_baseline, *inputs), args.repeats, True)
-                got = kernel_ops.box_match(candidates, class_ids, requested, CONF, IOU, MAX_DET, TOPK, backend="triton")
-                want = kernel_ops.box_match(
-                    candidates, class_ids, requested, CONF, IOU, MAX_DET, TOPK, backend="reference"
-                )
-                agree = torch.equal(got.keep_indices, want.keep_indices) and torch.equal(got.counts, want.counts)
-                print(
-                    f"| {batch:3d} | {num:6d} | {fused * 1e3:9.3f} | {baseline * 1e3:14.3f} | "
-                    f"{baseline / fused:5.1f}x | {'yes' if agree else 'NO':>10s} |"
-                )
+        print_header(
+            f"| {'B':>3s} | {'N':>6s} | {'Triton ms':>9s} | {'torchvision ms':>14s} | {'ratio':>6s} | kept agree |"
+        )
+        for batch, num, candidates, class_ids, requested in cases(args.gpu_batches, "cuda"):
+            inputs = (candidates, class_ids, requested)
+            fused = timed(
+                partial(kernel_ops.box_match, *inputs, CONF, IOU, MAX_DET, TOPK, backend="triton"),
+                args.repeats,
+                True,
+            )
+            baseline = timed(partial(torchvision_baseline, *inputs), args.repeats, True)
+            got = kernel_ops.box_match(candidates, class_ids, requested, CONF, IOU, MAX_DET, TOPK, backend="triton")
+            want = kernel_ops.box_match(candidates, class_ids, requested, CONF, IOU, MAX_DET, TOPK, backend="reference")
+            agree = torch.equal(got.keep_indices, want.keep_indices) and torch.equal(got.counts, want.counts)
+            print(
+                f"| {batch:3d} | {num:6d} | {fused * 1e3:9.3f} | {baseline * 1e3:14.3f} | "
+                f"{baseline / fused:5.1f}x | {'yes' if agree else 'NO':>10s} |"
+            )
     else:
         print("\nCUDA: not available here; the Triton vs torchvision ratio needs a GPU (rerun this script there).")
 
     print(f"\nCPU: torch reference box_match (median of {args.repeats}, after warm-up; C = {NUM_CLASSES})")
-    print(f"| {'B':>3s} | {'N':>6s} | {'kept/image':>10s} | {'ms/batch':>9s} | {'ms/image':>9s} |")
-    print("|-----|--------|------------|-----------|-----------|")
-    for num in SIZES:
-        for batch in args.cpu_batches:
-            candidates = yolo_like_candidates(batch, num, NUM_CLASSES, "cpu")
-            class_ids, requested = prompt(batch, "cpu")
-            seconds = timed(
-                partial(
-                    kernel_ops.box_match,
-                    candidates,
-                    class_ids,
-                    requested,
-                    CONF,
-                    IOU,
-                    MAX_DET,
-                    TOPK,
-                    backend="reference",
-                ),
-                args.repeats,
-                False,
-            )
-            kept = kernel_ops.box_match(candidates, class_ids, requested, backend="reference").num_kept.double().mean()
-            print(f"| {batch:3d} | {num:6d} | {kept:10.1f} | {seconds * 1e3:9.2f} | {seconds / batch * 1e3:9.2f} |")
+    print_header(f"| {'B':>3s} | {'N':>6s} | {'kept/image':>10s} | {'ms/batch':>9s} | {'ms/image':>9s} |")
+    for batch, num, candidates, class_ids, requested in cases(args.cpu_batches, "cpu"):
+        inputs = (candidates, class_ids, requested)
+        seconds = timed(
+            partial(kernel_ops.box_match, *inputs, CONF, IOU, MAX_DET, TOPK, backend="reference"), args.repeats, False
+        )
+        kept = kernel_ops.box_match(*inputs, backend="reference").num_kept.double().mean()
+        print(f"| {batch:3d} | {num:6d} | {kept:10.1f} | {seconds * 1e3:9.2f} | {seconds / batch * 1e3:9.2f} |")
     print_roofline()
 
 

@@ -10,11 +10,15 @@ imported lazily, on first use, so setting it after importing this package still 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
+import inspect
 import os
 import threading
 import types
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
@@ -29,6 +33,7 @@ ENV_VARIABLE = "REWARDSCOPE_KERNELS"
 # Triton's interpreter keeps per-launch state in globals: two threads interpreting at once corrupt each other.
 _INTERPRETER_LOCK = threading.Lock()
 _IMPORT_LOCK = threading.Lock()
+_Result = TypeVar("_Result")
 
 
 def _triton_module(name: str) -> types.ModuleType:
@@ -61,49 +66,35 @@ def _run_triton(name: str, *args, **kwargs):
         return getattr(module, name)(*args, **kwargs)
 
 
-def box_match(
-    candidates: torch.Tensor,
-    class_ids: torch.Tensor,
-    requested: torch.Tensor,
-    conf_threshold: float = 0.25,
-    iou_threshold: float = 0.45,
-    max_detections: int = 100,
-    pre_nms_topk: int = 1000,
-    *,
-    backend: str | None = None,
-) -> BoxMatch:
-    """Detections -> per-(image, prompt class) counts, confidences and soft counts.
-
-    candidates [B, N, 4 + C]: boxes x0, y0, x1, y1 then per-class scores.
-    class_ids [B, K] int64: prompt class of each slot, -1 for padding.
-    requested [B, K] int64: requested count per slot (ignored for padding).
+_BACKEND_DOC = """
     backend: "triton" | "reference" | "auto" | None (None: REWARDSCOPE_KERNELS, else auto; auto: CUDA tensors
-    -> triton, others -> reference).
-    See rewardscope.kernels.reference.box_match for the outputs; both backends return the same kept detections.
+    -> triton, others -> reference). Both backends take these arguments and return the same results: the torch
+    reference (rewardscope.kernels.reference) declares the signature once for both.
     """
-    args = (candidates, class_ids, requested, conf_threshold, iou_threshold, max_detections, pre_nms_topk)
-    if resolve_backend(backend, candidates) == "triton":
-        return _run_triton("box_match", *args)
-    return reference.box_match(*args)
 
 
-def layout_match(
-    det_boxes: torch.Tensor,
-    det_scores: torch.Tensor,
-    det_classes: torch.Tensor,
-    target_boxes: torch.Tensor,
-    target_classes: torch.Tensor,
-    iou_threshold: float = 0.5,
-    *,
-    backend: str | None = None,
-) -> LayoutMatch:
-    """Greedy one-to-one IoU matching of detections [B, M] to target boxes [B, T] of the same class.
+def _dispatched(implementation: Callable[..., _Result]) -> Callable[..., _Result]:
+    """The public function over the reference `implementation` and its Triton twin of the same name: the same
+    signature plus a keyword-only `backend`; the device of the first tensor argument picks by default."""
+    name = implementation.__name__
+    signature = inspect.signature(implementation)
+    backend_parameter = inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default=None)
 
-    det_boxes [B, M, 4], det_scores [B, M], det_classes [B, M] int64 (-1 padding);
-    target_boxes [B, T, 4], target_classes [B, T] int64 (-1 padding).
-    backend: as for box_match. The matching rule is in rewardscope.kernels.reference.layout_match's docstring.
-    """
-    args = (det_boxes, det_scores, det_classes, target_boxes, target_classes, iou_threshold)
-    if resolve_backend(backend, det_boxes) == "triton":
-        return _run_triton("layout_match", *args)
-    return reference.layout_match(*args)
+    @functools.wraps(implementation)
+    def call(*args: Any, backend: str | None = None, **kwargs: Any) -> _Result:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        if resolve_backend(backend, bound.args[0]) == "triton":
+            return _run_triton(name, *bound.args)
+        return getattr(reference, name)(*bound.args)  # looked up per call, as the Triton twin is
+
+    call.__module__ = __name__
+    call.__doc__ = (implementation.__doc__ or "").rstrip() + "\n" + _BACKEND_DOC
+    call.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*signature.parameters.values(), backend_parameter]
+    )
+    return call
+
+
+box_match = _dispatched(reference.box_match)
+layout_match = _dispatched(reference.layout_match)

@@ -3,11 +3,35 @@ kernels, which implement the same signatures. Everything is vectorised over the 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torchvision
+
+_Result = TypeVar("_Result")
+
+
+def takes_arguments_of(reference: Callable[..., _Result]) -> Callable[[Callable[..., _Result]], Callable[..., _Result]]:
+    """Decorator for another backend's implementation: it takes its arguments as `reference` declares them
+    (names, order, defaults), so each signature is written once, here. The implementation receives every
+    argument positionally, defaults applied."""
+    signature = inspect.signature(reference)
+
+    def decorate(implementation: Callable[..., _Result]) -> Callable[..., _Result]:
+        @functools.wraps(implementation)
+        def call(*args: Any, **kwargs: Any) -> _Result:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return implementation(*bound.args)
+
+        call.__signature__ = signature  # type: ignore[attr-defined]
+        return call
+
+    return decorate
 
 
 class BoxMatch(NamedTuple):
@@ -34,17 +58,78 @@ class BoxMatch(NamedTuple):
     p_at_least: torch.Tensor
 
 
+def suppression_matrix(
+    boxes: torch.Tensor,
+    classes: torch.Tensor,
+    valid: torch.Tensor,
+    iou_threshold: float,
+    containment_threshold: float,
+) -> torch.Tensor:
+    """[B, T, 4] boxes in rank order, classes [B, T], valid [B, T] -> [B, T, T] bool: rank i suppresses rank j.
+
+    Set when j > i, both valid, same class and IoU(i, j) > iou_threshold or inter(i, j) / min(area_i, area_j) >
+    containment_threshold (both strict, float64). The IoU uses torchvision's CPU nms operations in its order
+    (unclamped areas, 0 / 0 never suppresses), as the Triton kernel does; the containment uses areas clamped at
+    0, and a pair with a zero-area box has containment 0. inter <= min(area_i, area_j) holds in floating point
+    too, so a containment threshold >= 1 never fires.
+    """
+    boxes = boxes.double()
+    a, b = boxes[:, :, None, :], boxes[:, None, :, :]
+    width = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])).clamp(min=0)
+    height = (torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])).clamp(min=0)
+    inter = width * height
+    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    union = area[:, :, None] + area[:, None, :] - inter
+    has_union = union != 0
+    overlaps = has_union & (inter / torch.where(has_union, union, 1.0) > iou_threshold)
+    clamped = (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
+    smaller = torch.minimum(clamped[:, :, None], clamped[:, None, :])
+    has_area = smaller > 0
+    contained = has_area & (inter / torch.where(has_area, smaller, 1.0) > containment_threshold)
+    rank = torch.arange(boxes.shape[1], device=boxes.device)
+    return (
+        (overlaps | contained)
+        & (classes[:, :, None] == classes[:, None, :])
+        & valid[:, :, None]
+        & valid[:, None, :]
+        & (rank[None, None, :] > rank[None, :, None])
+    )
+
+
+def greedy_nms(suppress: torch.Tensor, valid: torch.Tensor, max_detections: int) -> torch.Tensor:
+    """[B, T, T] suppression matrix (rank i suppresses rank j > i), valid [B, T] -> kept [B, T] bool.
+
+    The greedy of NMS: ranks are visited in order; a valid rank not suppressed by an earlier kept rank is kept.
+    Sequential over the T ranks, vectorised over the batch; stops once every image kept max_detections (later
+    ranks could not enter the output anyway).
+    """
+    batch, num_top = valid.shape
+    removed = ~valid
+    kept = torch.zeros_like(valid)
+    kept_count = torch.zeros(batch, dtype=torch.int64, device=valid.device)
+    for rank in range(num_top):
+        alive = ~removed[:, rank]
+        kept[:, rank] = alive
+        removed |= suppress[:, rank] & alive[:, None]
+        kept_count += alive
+        if rank % 64 == 63 and bool((kept_count >= max_detections).all()):
+            break
+    return kept
+
+
 def select_candidates(
     candidates: torch.Tensor,
     conf_threshold: float,
     iou_threshold: float,
     max_detections: int,
     pre_nms_topk: int,
+    containment_threshold: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Confidence filter, best class, top-k pre-selection and class-aware NMS over a whole batch at once.
 
     candidates [B, N, 4 + C] -> (keep_indices, keep_scores, keep_classes) each [B, M] (-1 / 0 padded),
-    num_kept [B]; M = max_detections, kept rows sorted by descending score.
+    num_kept [B]; M = max_detections, kept rows sorted by descending score. containment_threshold < 1 adds
+    box_match's containment rule to the NMS (torchvision's nms otherwise).
     """
     batch, num_candidates = candidates.shape[:2]
     device = candidates.device
@@ -58,16 +143,32 @@ def select_candidates(
     flat_classes = classes[flat_image, flat_index]
     boxes = candidates[flat_image, flat_index, :4].double()
 
-    # Class-aware NMS for all images in one call: shift each (image, class) group to its own region of the
-    # plane so boxes of different groups never overlap. Dense group ids and float64 keep the shift exact.
-    # The span is the coordinate range (+1), not max + 1: with negative coordinates max + 1 lets groups overlap.
-    group = flat_image * candidates.shape[-1] + flat_classes
-    _, dense_group = torch.unique(group, return_inverse=True)
-    span = boxes.max() - boxes.min() + 1 if boxes.numel() else boxes.new_tensor(1.0)
-    # nms orders by score with an unstable sort; ordering by topk position instead (topk already sorted each
-    # image by descending score) breaks score ties in topk order, deterministically, like the Triton kernel.
-    flat_rank = torch.arange(topk, device=device).expand(batch, topk)[valid]
-    kept = torchvision.ops.nms(boxes + (dense_group * span)[:, None], -flat_rank.double(), iou_threshold)
+    if containment_threshold >= 1:
+        # Class-aware NMS for all images in one call: shift each (image, class) group to its own region of the
+        # plane so boxes of different groups never overlap. Dense group ids and float64 keep the shift exact.
+        # The span is the coordinate range (+1), not max + 1: with negative coordinates max + 1 lets groups
+        # overlap.
+        group = flat_image * candidates.shape[-1] + flat_classes
+        _, dense_group = torch.unique(group, return_inverse=True)
+        span = boxes.max() - boxes.min() + 1 if boxes.numel() else boxes.new_tensor(1.0)
+        # nms orders by score with an unstable sort; ordering by topk position instead (topk already sorted
+        # each image by descending score) breaks score ties in topk order, deterministically, like the Triton
+        # kernel.
+        flat_rank = torch.arange(topk, device=device).expand(batch, topk)[valid]
+        kept = torchvision.ops.nms(boxes + (dense_group * span)[:, None], -flat_rank.double(), iou_threshold)
+    else:
+        # torchvision has no containment rule: a [B, T', T'] suppression matrix over the valid ranks (a prefix
+        # of each image's topk list, T' the longest) and the greedy over it, in rank order as above.
+        width = int(valid.sum(1).max()) if batch else 0
+        ranked = valid[:, :width]
+        ranked_boxes = torch.gather(candidates[..., :4], 1, top_index[:, :width, None].expand(batch, width, 4)).double()
+        suppress = suppression_matrix(
+            ranked_boxes, classes.gather(1, top_index[:, :width]), ranked, iou_threshold, containment_threshold
+        )
+        kept_ranks = greedy_nms(suppress, ranked, max_detections)
+        # Flat rows were taken from [B, T] in row-major order, so a kept (image, rank) is row cumsum - 1.
+        flat_row = torch.cumsum(valid.flatten(), 0).view(batch, topk)[:, :width] - 1
+        kept = flat_row[kept_ranks]
 
     # nms returns kept rows by topk rank; a stable sort by image keeps that order within each image.
     kept = kept[torch.sort(flat_image[kept], stable=True).indices]
@@ -114,19 +215,30 @@ def box_match(
     iou_threshold: float = 0.45,
     max_detections: int = 100,
     pre_nms_topk: int = 1000,
+    containment_threshold: float = 1.0,
 ) -> BoxMatch:
     """Detections -> per-(image, prompt class) counts, confidences and soft counts.
 
     candidates [B, N, 4 + C]: boxes x0, y0, x1, y1 then per-class scores.
     class_ids [B, K] int64: prompt class of each slot, -1 for padding.
     requested [B, K] int64: requested count per slot (ignored for padding).
+
+    Candidates scoring above conf_threshold (best class per candidate) go, at most pre_nms_topk per image, through
+    greedy class-aware NMS in score order (ties in topk order): a box is dropped when a kept, higher-ranked box
+    of its class has IoU > iou_threshold with it, or contains it: intersection / min(area of either box) >
+    containment_threshold (strict; a zero-area box contains and is contained by nothing; float64). The
+    containment rule merges duplicates that IoU misses, e.g. an animal's body and its head reported as two
+    boxes of the same class; it follows T2I-CompBench's numeracy evaluation, which counts two same-class
+    detections once when IoU > 0.9 or one lies more than 0.9 inside the other (UniDet_eval/numeracy_eval.py,
+    calculate_iou; it measures boxes in inclusive pixels, +1 per side, this does not). The default 1.0 never
+    fires (the ratio is at most 1): plain NMS, torchvision's. The first max_detections kept boxes are counted.
     """
     if candidates.ndim != 3 or candidates.shape[-1] < 5:
         raise ValueError(f"candidates must be [B, N, 4 + C], got {tuple(candidates.shape)}")
     if class_ids.shape != requested.shape or class_ids.shape[0] != candidates.shape[0]:
         raise ValueError(f"class_ids {tuple(class_ids.shape)} and requested must both be [B, K]")
     keep_indices, keep_scores, keep_classes, num_kept = select_candidates(
-        candidates, conf_threshold, iou_threshold, max_detections, pre_nms_topk
+        candidates, conf_threshold, iou_threshold, max_detections, pre_nms_topk, containment_threshold
     )
     batch = candidates.shape[0]
     gather_index = keep_indices.clamp(min=0)[..., None].expand(batch, max_detections, 4)

@@ -105,6 +105,15 @@ def send(client: httpx.Client, url: str, body: bytes, check: Check | None, due: 
     return Outcome(due, sent - origin, latency, response.status_code, response.headers.get("retry-after"), error)
 
 
+def run_threads(target: Callable[[], None], count: int) -> None:
+    """Runs `target` on `count` daemon threads at once and waits until every one has returned."""
+    threads = [threading.Thread(target=target, daemon=True) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def closed_loop(
     url: str, body: bytes, clients: int, seconds: float, check: Check | None = None, timeout: float = 120
 ) -> tuple[list[Outcome], float]:
@@ -122,11 +131,7 @@ def closed_loop(
                 with lock:
                     outcomes.append(outcome)
 
-    threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_threads(client_loop, clients)
     return sorted(outcomes, key=lambda outcome: outcome.due), time.monotonic() - origin
 
 
@@ -166,11 +171,7 @@ def paced(
                 with lock:
                     outcomes.append(outcome)
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_threads(worker, workers)
     return sorted(outcomes, key=lambda outcome: outcome.due)
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from .hf import PRECISION, ModelSource, choose_device, choose_dtype, load_pretrained, model_class, resolve_model
 from .registry import RewardDeclaration, register_reward
-from .types import RewardOutput, Sample
+from .types import RewardOutput, Sample, Unscorable, score_planned
 
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-large"
 # The default text encoder: sentence-transformers/all-MiniLM-L6-v2 as shipped (offline) by this package.
@@ -163,6 +163,7 @@ class CaptionReward:
 
     def __init__(
         self,
+        *,  # configured by name, from a config mapping
         captioner: str = DEFAULT_CAPTIONER,
         text_encoder: str | None = None,
         max_new_tokens: int = 30,
@@ -209,31 +210,32 @@ class CaptionReward:
         return {"captioner": self.captioner.source.version, "text_encoder": self.embedder.source.version}
 
     def score(self, samples: list[Sample]) -> list[RewardOutput]:
-        outputs: list[RewardOutput | None] = [None] * len(samples)
-        ready = []
-        for index, sample in enumerate(samples):
-            if sample.prompt.strip():
-                ready.append(index)
-            else:
-                outputs[index] = RewardOutput(None, {"models": self._models()}, "the prompt is empty", "empty_prompt")
-        for start in range(0, len(ready), self.batch_size):
-            chunk = ready[start : start + self.batch_size]
-            captions = self.captioner(
-                [samples[i].image for i in chunk], self.max_new_tokens, self.num_beams, self.prefix
-            )
-            prompts = self.embedder.embed([samples[i].prompt for i in chunk], cache=True)
-            described = list(dict.fromkeys(caption for caption in captions if caption))
-            caption_vectors = dict(zip(described, self.embedder.embed(described), strict=True)) if described else {}
-            for row, (index, caption) in enumerate(zip(chunk, captions, strict=True)):
-                details: dict[str, Any] = {"caption": caption, "models": self._models()}
-                if not caption:
-                    message = "the captioner produced an empty caption"
-                    outputs[index] = RewardOutput(None, details, message, "empty_caption")
-                    continue
-                similarity = float(torch.dot(prompts[row], caption_vectors[caption]))
-                details["similarity"] = similarity
-                outputs[index] = RewardOutput(similarity, details)
-        return outputs  # type: ignore[return-value]
+        return score_planned(samples, _needs_prompt, self._score_chunk, self.batch_size, self._failure_details)
+
+    def _failure_details(self) -> dict[str, Any]:
+        return {"models": self._models()}
+
+    def _score_chunk(self, samples: list[Sample], _plans: list[None]) -> list[RewardOutput]:
+        images = [sample.image for sample in samples]
+        captions = self.captioner(images, self.max_new_tokens, self.num_beams, self.prefix)
+        prompts = self.embedder.embed([sample.prompt for sample in samples], cache=True)
+        described = list(dict.fromkeys(caption for caption in captions if caption))
+        caption_vectors = dict(zip(described, self.embedder.embed(described), strict=True)) if described else {}
+        outputs = []
+        for row, caption in enumerate(captions):
+            details: dict[str, Any] = {"caption": caption, "models": self._models()}
+            if not caption:
+                outputs.append(RewardOutput(None, details, "the captioner produced an empty caption", "empty_caption"))
+                continue
+            similarity = float(torch.dot(prompts[row], caption_vectors[caption]))
+            details["similarity"] = similarity
+            outputs.append(RewardOutput(similarity, details))
+        return outputs
+
+
+def _needs_prompt(sample: Sample) -> None:
+    if not sample.prompt.strip():
+        raise Unscorable("empty_prompt", "the prompt is empty")
 
 
 @register_reward(

@@ -31,18 +31,13 @@ from .detection.matching import f1_score
 from .detection.torch_detector import TorchDetector
 from .prompt import parse_prompt
 from .registry import declaration, declarations
+from .types import Unscorable
 
 SELECTION_FLOOR = 0.05
 
 
 class NotDifferentiableError(ValueError):
     """A reward with no differentiable form here (or whose torch model is not configured)."""
-
-
-class ItemUnscorable(ValueError):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
@@ -76,7 +71,7 @@ class SoftMatchingGradient:
     def _plan(self, prompt: str) -> tuple[list[int], list[int]]:
         parsed = parse_prompt(prompt, self.detector.class_names)
         if not parsed.objects:
-            raise ItemUnscorable("no_countable_object", "prompt names no object the detector knows")
+            raise Unscorable("no_countable_object", "prompt names no object the detector knows")
         return [self.class_index[s.class_name] for s in parsed.objects], [s.count for s in parsed.objects]
 
     def __call__(self, pixels: torch.Tensor, prompts: Sequence[str]) -> GradientOutput:
@@ -85,7 +80,7 @@ class SoftMatchingGradient:
         for row, prompt in enumerate(prompts):
             try:
                 plans[row] = self._plan(prompt)
-            except ItemUnscorable as exc:
+            except Unscorable as exc:
                 errors[row] = (exc.code, str(exc))
         batch = pixels.shape[0]
         width = max((len(plan[0]) for plan in plans.values()), default=1)

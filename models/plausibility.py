@@ -25,7 +25,7 @@ from .hf import (
 )
 from .prompt import parse_prompt
 from .registry import RewardDeclaration, register_reward
-from .types import RewardOutput, Sample
+from .types import RewardOutput, Sample, Unscorable, score_planned
 
 DEFAULT_LANGUAGE_MODEL = "Qwen/Qwen2.5-0.5B"
 # {a_label}: the label with its article ("an apple"); {label} and {prompt} are also available.
@@ -193,46 +193,47 @@ class PlausibilityReward:
         return regions
 
     def score(self, samples: list[Sample]) -> list[RewardOutput]:
-        outputs: list[RewardOutput | None] = [None] * len(samples)
-        ready = []
-        for index, sample in enumerate(samples):
-            if sample.prompt.strip():
-                ready.append(index)
-            else:
-                message = "the prompt is empty: no scene to judge labels in"
-                outputs[index] = RewardOutput(None, {"models": self._models()}, message, "empty_prompt")
-        for start in range(0, len(ready), self.batch_size):
-            chunk = ready[start : start + self.batch_size]
-            regions = self._regions([samples[i] for i in chunk])
-            vocabulary = self.detector.class_names
-            named = [{spec.class_name for spec in parse_prompt(samples[i].prompt, vocabulary).objects} for i in chunk]
-            asked = [
-                self.question(label, samples[index].prompt)
-                for index, labels, prompt_labels in zip(chunk, regions, named, strict=True)
-                for label in labels
-                if label not in prompt_labels
-            ]
-            answers = dict(zip(asked, self.judge(asked), strict=True)) if asked else {}
-            for index, labels, prompt_labels in zip(chunk, regions, named, strict=True):
-                details: dict[str, Any] = {"models": self._models()}
-                if not labels:
-                    details["labels"] = []
-                    outputs[index] = RewardOutput(None, details, "no region was detected to judge", "no_regions")
-                    continue
-                entries = []
-                for label, area in labels.items():
-                    if label in prompt_labels:
-                        entries.append({"label": label, "area": area, "likelihood": 1.0, "source": "prompt"})
-                    else:
-                        likelihood = answers[self.question(label, samples[index].prompt)]
-                        entries.append({"label": label, "area": area, "likelihood": likelihood, "source": "model"})
-                total_area = sum(entry["area"] for entry in entries)
-                value = sum(entry["area"] * entry["likelihood"] for entry in entries) / total_area
-                for entry in entries:
-                    entry["weight"] = entry["area"] / total_area
-                details["labels"] = entries
-                outputs[index] = RewardOutput(value, details)
-        return outputs  # type: ignore[return-value]
+        return score_planned(samples, self._named_labels, self._score_chunk, self.batch_size, self._failure_details)
+
+    def _failure_details(self) -> dict[str, Any]:
+        return {"models": self._models()}
+
+    def _named_labels(self, sample: Sample) -> set[str]:
+        """The detector labels the prompt names itself (they need no judging)."""
+        if not sample.prompt.strip():
+            raise Unscorable("empty_prompt", "the prompt is empty: no scene to judge labels in")
+        return {spec.class_name for spec in parse_prompt(sample.prompt, self.detector.class_names).objects}
+
+    def _score_chunk(self, samples: list[Sample], named: list[set[str]]) -> list[RewardOutput]:
+        regions = self._regions(samples)
+        asked = [
+            self.question(label, sample.prompt)
+            for sample, labels, prompt_labels in zip(samples, regions, named, strict=True)
+            for label in labels
+            if label not in prompt_labels
+        ]
+        answers = dict(zip(asked, self.judge(asked), strict=True)) if asked else {}
+        outputs = []
+        for sample, labels, prompt_labels in zip(samples, regions, named, strict=True):
+            details: dict[str, Any] = {"models": self._models()}
+            if not labels:
+                details["labels"] = []
+                outputs.append(RewardOutput(None, details, "no region was detected to judge", "no_regions"))
+                continue
+            entries = []
+            for label, area in labels.items():
+                if label in prompt_labels:
+                    entries.append({"label": label, "area": area, "likelihood": 1.0, "source": "prompt"})
+                else:
+                    likelihood = answers[self.question(label, sample.prompt)]
+                    entries.append({"label": label, "area": area, "likelihood": likelihood, "source": "model"})
+            total_area = sum(entry["area"] for entry in entries)
+            value = sum(entry["area"] * entry["likelihood"] for entry in entries) / total_area
+            for entry in entries:
+                entry["weight"] = entry["area"] / total_area
+            details["labels"] = entries
+            outputs.append(RewardOutput(value, details))
+        return outputs
 
 
 @register_reward(

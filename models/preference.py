@@ -78,6 +78,7 @@ class _ClipReward:
 
     def __init__(
         self,
+        *,  # configured by name, from a config mapping
         model: str = DEFAULT_CLIP,
         processor: str | None = None,
         device: str | None = None,
@@ -285,6 +286,23 @@ def _hub_file(repo: str, filename: str, what: str) -> Path:
         ) from None
 
 
+class _PackagedReward:
+    """Common part of the rewards that run a model through its authors' package (HPSv2, ImageReward)."""
+
+    name: str
+    version: str
+    batch_size: int
+    dtype: torch.dtype
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "params": {"batch_size": self.batch_size},
+            "precision": str(self.dtype).removeprefix("torch."),
+        }
+
+
 @register_reward(
     RewardDeclaration(
         "hpsv2",
@@ -293,7 +311,7 @@ def _hub_file(repo: str, filename: str, what: str) -> Path:
         "HPS v2: cosine of image and prompt features (typical 0.2-0.35)",
     )
 )
-class HPSv2Reward:
+class HPSv2Reward(_PackagedReward):
     """HPS v2 / v2.1 (Wu et al. 2023) through the `hpsv2` package: cosine of HPS-tuned OpenCLIP ViT-H-14 image
     and prompt features. checkpoint: local HPS_v2*.pt, else the xswu/HPSv2 file from the local hub cache."""
 
@@ -327,14 +345,6 @@ class HPSv2Reward:
         self.batch_size = max(1, int(batch_size))
         self.version = f"hpsv2-{hps_version}:{_checkpoint_version(path)}"
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "params": {"batch_size": self.batch_size},
-            "precision": str(self.dtype).removeprefix("torch."),
-        }
-
     @torch.inference_mode()
     def score(self, samples: list[Sample]) -> list[RewardOutput]:
         values: list[float] = []
@@ -356,7 +366,7 @@ class HPSv2Reward:
         "ImageReward: standardised reward (about N(0, 1) over its training prompts)",
     )
 )
-class ImageRewardReward:
+class ImageRewardReward(_PackagedReward):
     """ImageReward (Xu et al. 2023) through the `image-reward` package: BLIP cross-attention features -> MLP,
     standardised by the released mean/std. checkpoint / med_config: local files, else THUDM/ImageReward's from the
     local hub cache (BLIP's tokenizer, bert-base-uncased, must be in that cache too)."""
@@ -385,14 +395,6 @@ class ImageRewardReward:
         self.model.mlp.float()
         self.batch_size = max(1, int(batch_size))
         self.version = f"imagereward:{_checkpoint_version(path)}"
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "params": {"batch_size": self.batch_size},
-            "precision": str(self.dtype).removeprefix("torch."),
-        }
 
     @torch.inference_mode()
     def score(self, samples: list[Sample]) -> list[RewardOutput]:

@@ -3,8 +3,9 @@ A reward gets a batch of Samples and returns one RewardOutput per sample, in the
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image
 
@@ -61,3 +62,42 @@ class ScoreResult:
             "error": self.error,
             "error_code": self.error_code,
         }
+
+
+class Unscorable(ValueError):
+    """An item a reward cannot judge (its prompt names nothing to judge, ...): a per-item error with a code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+_Plan = TypeVar("_Plan")
+
+
+def score_planned(
+    samples: list[Sample],
+    plan: Callable[[Sample], _Plan],
+    score_chunk: Callable[[list[Sample], list[_Plan]], Sequence[RewardOutput]],
+    batch_size: int,
+    failure_details: Callable[[], dict[str, Any]],
+) -> list[RewardOutput]:
+    """The batched loop most rewards share: plan each sample (what to ask, which slots), then score the planned
+    ones in chunks of batch_size. A sample whose plan raises fails alone, with failure_details() as its details:
+    Unscorable keeps its code, ValueError / TypeError (bad metadata from the caller) become "bad_metadata"."""
+    outputs: list[RewardOutput | None] = [None] * len(samples)
+    plans: dict[int, _Plan] = {}
+    for index, sample in enumerate(samples):
+        try:
+            plans[index] = plan(sample)
+        except Unscorable as exc:
+            outputs[index] = RewardOutput(None, failure_details(), str(exc), exc.code)
+        except (ValueError, TypeError) as exc:
+            outputs[index] = RewardOutput(None, failure_details(), str(exc), "bad_metadata")
+    ready = sorted(plans)
+    for start in range(0, len(ready), batch_size):
+        chunk = ready[start : start + batch_size]
+        scored = score_chunk([samples[i] for i in chunk], [plans[i] for i in chunk])
+        for index, output in zip(chunk, scored, strict=True):
+            outputs[index] = output
+    return outputs  # type: ignore[return-value]  # every slot is filled: planned and scored, or failed

@@ -27,7 +27,7 @@ from .hf import (
 )
 from .prompt import COCO_CLASSES, ObjectSpec, ParsedPrompt, from_geneval_metadata, parse_prompt
 from .registry import RewardDeclaration, register_reward
-from .types import RewardOutput, Sample
+from .types import RewardOutput, Sample, Unscorable, score_planned
 
 DEFAULT_VQA_MODEL = "Salesforce/blip-vqa-base"
 # Generative (BLIP-2 style) answerers read the next token after this text.
@@ -268,12 +268,6 @@ def load_answerer(spec: str, device: str, dtype: str) -> BlipQuestionAnswerer | 
     return GenerativeQuestionAnswerer(source, torch_device, torch_dtype, loader)
 
 
-class _Unscorable(ValueError):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 class VqaReward:
     """Mean P(yes) over the prompt's yes/no questions, in [0, 1]; higher is better."""
 
@@ -330,39 +324,31 @@ class VqaReward:
                 )
             return [Question(q.strip(), "given") for q in dict.fromkeys(given)]
         if not sample.prompt.strip():
-            raise _Unscorable("empty_prompt", "the prompt is empty: there is nothing to ask about")
+            raise Unscorable("empty_prompt", "the prompt is empty: there is nothing to ask about")
         parsed = from_geneval_metadata(metadata) if "include" in metadata else None
         return generate_questions(sample.prompt, parsed, unknown_nouns=self.unknown_nouns)
 
     def score(self, samples: list[Sample]) -> list[RewardOutput]:
-        outputs: list[RewardOutput | None] = [None] * len(samples)
-        plans: dict[int, list[Question]] = {}
-        for index, sample in enumerate(samples):
-            try:
-                plans[index] = self.questions(sample)
-            except _Unscorable as exc:
-                outputs[index] = RewardOutput(None, {"model": self.version}, str(exc), exc.code)
-            except (ValueError, TypeError) as exc:
-                outputs[index] = RewardOutput(None, {"model": self.version}, str(exc), "bad_metadata")
-        ready = sorted(plans)
-        for start in range(0, len(ready), self.image_batch_size):
-            chunk = ready[start : start + self.image_batch_size]
-            image_index = [row for row, index in enumerate(chunk) for _ in plans[index]]
-            texts = [question.text for index in chunk for question in plans[index]]
-            logits = self.answerer.logits([samples[i].image for i in chunk], image_index, texts, self.batch_size)
-            p_yes = yes_probability(logits, self.answerer.yes_id, self.answerer.no_id, self.normalisation).tolist()
-            offset = 0
-            for index in chunk:
-                asked = plans[index]
-                listed = [
-                    {"question": q.text, "kind": q.kind, "subject": q.subject, "p_yes": p}
-                    for q, p in zip(asked, p_yes[offset : offset + len(asked)], strict=True)
-                ]
-                offset += len(asked)
-                value = sum(entry["p_yes"] for entry in listed) / len(listed)
-                details = {"questions": listed, "normalisation": self.normalisation, "model": self.version}
-                outputs[index] = RewardOutput(value, details)
-        return outputs  # type: ignore[return-value]
+        return score_planned(
+            samples, self.questions, self._answer, self.image_batch_size, lambda: {"model": self.version}
+        )
+
+    def _answer(self, samples: list[Sample], plans: list[list[Question]]) -> list[RewardOutput]:
+        image_index = [row for row, asked in enumerate(plans) for _ in asked]
+        texts = [question.text for asked in plans for question in asked]
+        logits = self.answerer.logits([sample.image for sample in samples], image_index, texts, self.batch_size)
+        p_yes = yes_probability(logits, self.answerer.yes_id, self.answerer.no_id, self.normalisation).tolist()
+        outputs, offset = [], 0
+        for asked in plans:
+            listed = [
+                {"question": q.text, "kind": q.kind, "subject": q.subject, "p_yes": p}
+                for q, p in zip(asked, p_yes[offset : offset + len(asked)], strict=True)
+            ]
+            offset += len(asked)
+            value = sum(entry["p_yes"] for entry in listed) / len(listed)
+            details = {"questions": listed, "normalisation": self.normalisation, "model": self.version}
+            outputs.append(RewardOutput(value, details))
+        return outputs
 
 
 @register_reward(

@@ -124,11 +124,12 @@ class JobStore:
             )
             return job_id
 
-    def status(self, job_id: str) -> dict[str, Any] | None:
+    def _row(self, query: str, *args: Any) -> tuple[Any, ...] | None:
         with self._lock:
-            row = self._db.execute(
-                "SELECT id, status, items, created, started, finished, error FROM jobs WHERE id=?", (job_id,)
-            ).fetchone()
+            return self._db.execute(query, args).fetchone()
+
+    def status(self, job_id: str) -> dict[str, Any] | None:
+        row = self._row("SELECT id, status, items, created, started, finished, error FROM jobs WHERE id=?", job_id)
         if row is None:
             return None
         keys = ("task_id", "status", "items", "created_at", "started_at", "finished_at", "error")
@@ -136,8 +137,7 @@ class JobStore:
 
     def result(self, job_id: str) -> tuple[str, bytes | None, str | None] | None:
         """(status, result JSON when it succeeded, error) or None for an unknown id."""
-        with self._lock:
-            row = self._db.execute("SELECT status, result, error FROM jobs WHERE id=?", (job_id,)).fetchone()
+        row = self._row("SELECT status, result, error FROM jobs WHERE id=?", job_id)
         return None if row is None else (row[0], row[1], row[2])
 
     def take(self) -> tuple[str, bytes] | None:

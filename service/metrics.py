@@ -11,41 +11,31 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-REWARD_LATENCY = Histogram(
-    "rewardscope_reward_latency_seconds",
-    "Time one reward spends on one batch",
-    ["reward"],
-    registry=REGISTRY,
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-)
+# Bucket bounds: seconds (latency), reward values, items per batch.
+SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+VALUES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 2.5, 10.0)
+SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def _histogram(name: str, documentation: str, labels: tuple[str, ...], buckets: tuple[float, ...]) -> Histogram:
+    return Histogram(f"rewardscope_{name}", documentation, labels, registry=REGISTRY, buckets=buckets)
+
+
+REWARD_LATENCY = _histogram("reward_latency_seconds", "Time one reward spends on one batch", ("reward",), SECONDS[1:])
 ITEMS = Counter("rewardscope_items_total", "Items scored, by endpoint", ["endpoint"], registry=REGISTRY)
 ERRORS = Counter("rewardscope_errors_total", "Per-item errors, by code", ["code"], registry=REGISTRY)
-REWARD_VALUE = Histogram(
-    "rewardscope_reward_value",
-    "Distribution of reward values (failed items are not observed)",
-    ["reward"],
-    registry=REGISTRY,
-    buckets=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 2.5, 10.0),
+REWARD_VALUE = _histogram(
+    "reward_value", "Distribution of reward values (failed items are not observed)", ("reward",), VALUES
 )
-BATCH_SIZE = Histogram(
-    "rewardscope_batch_size",
-    "Items per batched call after adaptive batching",
-    ["endpoint"],
-    registry=REGISTRY,
-    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+BATCH_SIZE = _histogram("batch_size", "Items per batched call after adaptive batching", ("endpoint",), SIZES)
+QUEUE_WAIT = _histogram(
+    "queue_wait_seconds", "Seconds the oldest request of a batch waited, decoded, for the model thread", (), SECONDS
 )
-QUEUE_WAIT = Histogram(
-    "rewardscope_queue_wait_seconds",
-    "Seconds the oldest request of a batch waited, decoded, for the model thread",
-    registry=REGISTRY,
-    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-)
-GC_PAUSE = Histogram(
-    "rewardscope_gc_pause_seconds",
+GC_PAUSE = _histogram(
+    "gc_pause_seconds",
     "Python garbage-collector pauses (the GIL is held: every request in flight waits), by generation",
-    ["generation"],
-    registry=REGISTRY,
-    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+    ("generation",),
+    SECONDS[:9],
 )
 MODEL_LOAD = Gauge(
     "rewardscope_model_load_seconds", "Seconds to load a Scorer's models", ["rewards"], registry=REGISTRY

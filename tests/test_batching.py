@@ -32,6 +32,16 @@ class Model:
             raise ValueError(f"cannot score {self.fail_on}")
         return [item.upper() for item in items]
 
+    def release_all(self) -> None:
+        for event in self.release:
+            event.set()
+
+
+def model_and_batcher(fail_on: str | None = None, **options) -> tuple[Model, Batcher]:
+    """A blocking Model and a Batcher (built with `options`) in front of it."""
+    model = Model(fail_on)
+    return model, Batcher(model, **options)
+
 
 def prepared(raw: Sequence[str]) -> list[str]:
     return [f"{item}!" for item in raw]
@@ -62,8 +72,7 @@ async def queue_in_order(batcher: Batcher, requests: Sequence[Sequence[str]]) ->
 
 
 def test_a_lone_request_runs_at_once_and_requests_queued_meanwhile_share_the_next_batch():
-    model = Model()
-    batcher = Batcher(model, max_batch_size=8, max_latency_s=60)
+    model, batcher = model_and_batcher(max_batch_size=8, max_latency_s=60)
 
     async def scenario():
         first = asyncio.create_task(batcher.submit(["a"], prepared))
@@ -81,15 +90,13 @@ def test_a_lone_request_runs_at_once_and_requests_queued_meanwhile_share_the_nex
 
 
 def test_batches_are_capped_in_items_and_an_oversized_request_runs_alone():
-    model = Model()
-    batcher = Batcher(model, max_batch_size=4, max_latency_s=60)
+    model, batcher = model_and_batcher(max_batch_size=4, max_latency_s=60)
 
     async def scenario():
         first = await occupy(batcher, model)
         sizes = [2, 2, 1, 6, 1]
         tasks = await queue_in_order(batcher, [[f"r{n}i{k}" for k in range(size)] for n, size in enumerate(sizes)])
-        for event in model.release:
-            event.set()
+        model.release_all()
         await first
         return [len(answer) for answer in [await task for task in tasks]]
 
@@ -99,14 +106,12 @@ def test_batches_are_capped_in_items_and_an_oversized_request_runs_alone():
 
 
 def test_a_failing_batch_is_retried_request_by_request_so_only_the_bad_request_fails():
-    model = Model(fail_on="bad!")
-    batcher = Batcher(model, max_batch_size=8, max_latency_s=60)
+    model, batcher = model_and_batcher(fail_on="bad!", max_batch_size=8, max_latency_s=60)
 
     async def scenario():
         first = await occupy(batcher, model)
         tasks = await queue_in_order(batcher, [["x", "y"], ["bad"], ["z"]])
-        for event in model.release:
-            event.set()
+        model.release_all()
         await first
         return await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -118,8 +123,7 @@ def test_a_failing_batch_is_retried_request_by_request_so_only_the_bad_request_f
 
 
 def test_a_request_is_refused_at_once_while_the_work_ahead_exceeds_the_latency_budget():
-    model = Model()
-    batcher = Batcher(model, max_batch_size=8, max_latency_s=1.0)
+    model, batcher = model_and_batcher(max_batch_size=8, max_latency_s=1.0)
     batcher.item_seconds = 0.1  # as if measured: 10 items ahead fill the budget
 
     async def scenario():
@@ -131,8 +135,7 @@ def test_a_request_is_refused_at_once_while_the_work_ahead_exceeds_the_latency_b
             await batcher.submit(["c"], prepared)  # 11 items ahead: 1.1 s; refused without queueing
         assert refused.value.retry_after_s == 1  # the queue is back within the budget after ~0.1 s
         assert batcher.queued_items == 5
-        for event in model.release:
-            event.set()
+        model.release_all()
         return await first, await fits
 
     first, fits = asyncio.run(scenario())
@@ -153,15 +156,13 @@ def test_a_lone_request_is_served_whatever_its_own_size():
 
 
 def test_a_request_whose_caller_went_away_never_reaches_the_model():
-    model = Model()
-    batcher = Batcher(model, max_batch_size=8, max_latency_s=60)
+    model, batcher = model_and_batcher(max_batch_size=8, max_latency_s=60)
 
     async def scenario():
         first = await occupy(batcher, model)
         gone, kept = await queue_in_order(batcher, [["gone"], ["kept"]])
         gone.cancel()
-        for event in model.release:
-            event.set()
+        model.release_all()
         await first
         return await kept
 
@@ -172,8 +173,7 @@ def test_a_request_whose_caller_went_away_never_reaches_the_model():
 
 
 def test_decoding_ahead_of_the_model_is_bounded_in_items_and_first_come_first_served():
-    model = Model()
-    batcher = Batcher(model, max_batch_size=64, max_latency_s=60, max_ahead_items=5)
+    model, batcher = model_and_batcher(max_batch_size=64, max_latency_s=60, max_ahead_items=5)
     decoded: list[str] = []
 
     def prepare(raw: Sequence[str]) -> list[str]:
@@ -187,8 +187,7 @@ def test_decoding_ahead_of_the_model_is_bounded_in_items_and_first_come_first_se
         await until(lambda: batcher.queued_items == 2)
         await asyncio.sleep(0.05)
         held = list(decoded)  # a (running) and b fit in 5 items; c waits, and d waits behind c though it would fit
-        for event in model.release:
-            event.set()
+        model.release_all()
         await first
         await asyncio.gather(*tasks)
         return held
@@ -274,8 +273,7 @@ def test_a_request_larger_than_the_decode_ahead_budget_is_decoded_and_scored_in_
 
 
 def test_a_background_job_waits_past_the_latency_budget_instead_of_being_refused():
-    model = Model()
-    batcher = Batcher(model, max_batch_size=8, max_latency_s=1.0)
+    model, batcher = model_and_batcher(max_batch_size=8, max_latency_s=1.0)
     batcher.item_seconds = 1.5  # as if measured: the one item running fills the budget
 
     async def scenario():
@@ -284,8 +282,7 @@ def test_a_background_job_waits_past_the_latency_budget_instead_of_being_refused
             await batcher.submit(["x", "y"], prepared)
         job = asyncio.create_task(batcher.submit(["x", "y"], prepared, background=True))
         await until(lambda: batcher.queued_items == 2)
-        for event in model.release:
-            event.set()
+        model.release_all()
         return await first, await job
 
     assert asyncio.run(scenario()) == (["A!"], ["X!", "Y!"])
@@ -293,8 +290,7 @@ def test_a_background_job_waits_past_the_latency_budget_instead_of_being_refused
 
 
 def test_background_work_runs_only_when_no_interactive_request_is_queued_and_never_counts_against_the_budget():
-    model = Model()
-    batcher = Batcher(model, max_batch_size=8, max_latency_s=1.0)
+    model, batcher = model_and_batcher(max_batch_size=8, max_latency_s=1.0)
     batcher.item_seconds = 0.1
 
     async def scenario():
@@ -303,8 +299,7 @@ def test_background_work_runs_only_when_no_interactive_request_is_queued_and_nev
         await until(lambda: batcher.queued_items == 30)
         assert batcher.items_ahead() == 1 and batcher.over_budget() is None  # 30 queued job items: not counted
         (interactive,) = await queue_in_order(batcher, [["i"]])
-        for event in model.release:
-            event.set()
+        model.release_all()
         return await first, await interactive, await job
 
     first, interactive, job = asyncio.run(scenario())
@@ -354,8 +349,7 @@ def test_requests_wait_first_come_first_served_for_decoded_bytes_held_by_others(
         third = asyncio.create_task(batcher.submit(["c"], prepared, cost))  # would fit, but waits behind b
         await until(lambda: batcher.ahead_bytes.waiting == 350)
         assert batcher.ahead_bytes.held == 300 and batcher.queued_items == 0
-        for event in model.release:
-            event.set()
+        model.release_all()
         return await first, await second, await third
 
     assert asyncio.run(scenario()) == (["A!"], ["B!"], ["C!"])

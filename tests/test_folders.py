@@ -17,34 +17,19 @@ from rewardscope.service.tools import folders
 from rewardscope.service.tools.cli import main
 from serving import ROOT
 
+
+def spec(name: str, count: int = 1) -> dict:
+    """One GenEval metadata include/exclude entry."""
+    return {"class": name, "count": count}
+
+
 GENEVAL_PROMPTS = [
     # (folder, tag, prompt, include, exclude, image)
-    ("00000", "single_object", "a photo of a bus", [{"class": "bus", "count": 1}], [], "bus.jpg"),
-    ("00001", "single_object", "a photo of a cat", [{"class": "cat", "count": 1}], [], "bus.jpg"),
-    (
-        "00002",
-        "counting",
-        "a photo of two buses",
-        [{"class": "bus", "count": 2}],
-        [{"class": "bus", "count": 3}],
-        "bus.jpg",
-    ),
-    (
-        "00003",
-        "counting",
-        "a photo of three people",
-        [{"class": "person", "count": 3}],
-        [{"class": "person", "count": 4}],
-        "zidane.jpg",
-    ),
-    (
-        "00004",
-        "two_object",
-        "a photo of a person and a tie",
-        [{"class": "person", "count": 1}, {"class": "tie", "count": 1}],
-        [],
-        "zidane.jpg",
-    ),
+    ("00000", "single_object", "a photo of a bus", [spec("bus")], [], "bus.jpg"),
+    ("00001", "single_object", "a photo of a cat", [spec("cat")], [], "bus.jpg"),
+    ("00002", "counting", "a photo of two buses", [spec("bus", 2)], [spec("bus", 3)], "bus.jpg"),
+    ("00003", "counting", "a photo of three people", [spec("person", 3)], [spec("person", 4)], "zidane.jpg"),
+    ("00004", "two_object", "a photo of a person and a tie", [spec("person"), spec("tie")], [], "zidane.jpg"),
 ]
 
 
@@ -58,6 +43,15 @@ def make_geneval_folder(root: Path, assets: Path, copies: int = 2) -> Path:
         for index in range(copies):
             source.save(samples / f"{index:04d}.png")
     return root
+
+
+def make_flat_folder(flat: Path, assets: Path, broken: bytes) -> Path:
+    """A flat folder: four_people.jpg (the bus picture), two_people.jpg, and broken.png holding `broken`."""
+    flat.mkdir()
+    shutil.copy(assets / "bus.jpg", flat / "four_people.jpg")
+    shutil.copy(assets / "zidane.jpg", flat / "two_people.jpg")
+    (flat / "broken.png").write_bytes(broken)
+    return flat
 
 
 @pytest.fixture(scope="module")
@@ -208,11 +202,7 @@ def test_the_letterbox_resize_runs_once_per_detector_on_the_decode_workers(asset
 def test_server_mode_gives_the_same_rows_as_in_process(tmp_path, assets):
     from serving import running_server
 
-    flat = tmp_path / "flat"
-    flat.mkdir()
-    shutil.copy(assets / "bus.jpg", flat / "four_people.jpg")
-    shutil.copy(assets / "zidane.jpg", flat / "two_people.jpg")
-    (flat / "broken.png").write_bytes(b"\x89PNG not really")
+    flat = make_flat_folder(tmp_path / "flat", assets, broken=b"\x89PNG not really")
     local, remote = tmp_path / "local", tmp_path / "remote"
     assert main(["score", str(flat), "--out", str(local), "--no-progress"]) == 0
     with running_server() as base_url:
@@ -222,11 +212,7 @@ def test_server_mode_gives_the_same_rows_as_in_process(tmp_path, assets):
 
 
 def test_report_has_thumbnails_and_plots(tmp_path, assets):
-    flat = tmp_path / "flat"
-    flat.mkdir()
-    shutil.copy(assets / "bus.jpg", flat / "four_people.jpg")
-    shutil.copy(assets / "zidane.jpg", flat / "two_people.jpg")
-    (flat / "broken.png").write_bytes(b"")
+    flat = make_flat_folder(tmp_path / "flat", assets, broken=b"")
     report = tmp_path / "report"
     assert main(["score", str(flat), "--out", str(tmp_path / "out"), "--report", str(report), "--no-progress"]) == 0
     page = (report / "index.html").read_text()

@@ -117,3 +117,153 @@ def test_soft_count_is_differentiable_in_the_scores():
     pmf = poisson_binomial(scores)
     pmf[0, 2].backward()
     assert scores.grad is not None and torch.isfinite(scores.grad).all() and scores.grad.abs().sum() > 0
+
+
+# Containment merging ------------------------------------------------------------------------------------
+
+
+def boxes_of_one_image(boxes, scores, classes, num_classes=2):
+    """One image of len(boxes) float64 candidates: box, score of its class, 0 for the other classes."""
+    candidates = torch.zeros(1, len(boxes), 4 + num_classes, dtype=torch.float64)
+    candidates[0, :, :4] = torch.tensor(boxes, dtype=torch.float64)
+    for row, (score, cls) in enumerate(zip(scores, classes, strict=True)):
+        candidates[0, row, 4 + cls] = score
+    return candidates
+
+
+BIG, SMALL = [0, 0, 100, 100], [10, 10, 40, 40]  # SMALL inside BIG: IoU 900 / 10000 = 0.09, containment 1
+HALF_INSIDE = [80, 0, 120, 10]  # area 400, 200 of it inside BIG: containment 0.5 exactly, IoU 200 / 10200
+# SIDE overlaps BIG by 40 x 100: IoU 4000 / 16000 = 0.25, containment 0.4. CORNER lies inside SIDE (containment 1)
+# and misses BIG: it survives exactly when SIDE was suppressed.
+SIDE, CORNER = [60, 0, 160, 100], [130, 10, 160, 40]
+# (boxes, scores, classes, iou_threshold, containment_threshold, kept indices in score order)
+# Three boxes of one class, by score: BIG, then SIDE (overlapping it), then CORNER (inside SIDE).
+NESTED = ([BIG, SIDE, CORNER], [0.9, 0.8, 0.7], [0, 0, 0])
+CONTAINMENT_CASES = {
+    "a box inside a kept box of its class is merged": ([BIG, SMALL], [0.9, 0.8], [0, 0], 0.45, 0.9, [0]),
+    "without containment NMS keeps both (IoU 0.09)": ([BIG, SMALL], [0.9, 0.8], [0, 0], 0.45, 1.0, [0, 1]),
+    "the rule is symmetric: a kept small box merges a big one around it": (
+        [BIG, SMALL],
+        [0.8, 0.9],
+        [0, 0],
+        0.45,
+        0.9,
+        [1],
+    ),
+    "boxes of different classes never merge": ([BIG, SMALL], [0.9, 0.8], [0, 1], 0.45, 0.5, [0, 1]),
+    "containment equal to the threshold keeps the box (strict >)": (
+        [BIG, HALF_INSIDE],
+        [0.9, 0.8],
+        [0, 0],
+        0.45,
+        0.5,
+        [0, 1],
+    ),
+    "containment just above the threshold merges": ([BIG, HALF_INSIDE], [0.9, 0.8], [0, 0], 0.45, 0.49, [0]),
+    "a zero-area box inside another has containment 0": (
+        [BIG, [20, 20, 20, 60]],
+        [0.9, 0.8],
+        [0, 0],
+        0.45,
+        0.0,
+        [0, 1],
+    ),
+    "IoU still suppresses on its own": ([BIG, [0, 0, 100, 90]], [0.9, 0.8], [0, 0], 0.45, 0.95, [0]),
+    "greedy: a box merged by containment suppresses nothing": (*NESTED, 0.45, 0.3, [0, 2]),
+    "greedy: a box suppressed by IoU suppresses nothing, a kept one merges": (*NESTED, 0.2, 0.9, [0, 2]),
+    "greedy: the kept box merges the one inside it": (*NESTED, 0.45, 0.9, [0, 1]),
+}
+
+
+@pytest.mark.parametrize(
+    "boxes, scores, classes, iou, containment, kept", CONTAINMENT_CASES.values(), ids=CONTAINMENT_CASES.keys()
+)
+def test_containment_rule(boxes, scores, classes, iou, containment, kept):
+    candidates = boxes_of_one_image(boxes, scores, classes)
+    match = box_match(candidates, torch.tensor([[0, 1]]), torch.tensor([[1, 1]]), 0.25, iou, 100, 1000, containment)
+    assert match.keep_indices[0, : match.num_kept[0]].tolist() == kept
+    assert match.counts[0].tolist() == [sum(classes[i] == 0 for i in kept), sum(classes[i] == 1 for i in kept)]
+
+
+def containment_loop_oracle(candidates, conf, iou_threshold, max_det, topk, containment_threshold):
+    """Per image, in Python floats (IEEE doubles, the reference's float64 operations in the same order): the
+    topk ranking, then the greedy NMS with the IoU and containment rules, box by box."""
+    results = []
+    for b in range(candidates.shape[0]):
+        scores, classes = candidates[b, :, 4:].max(-1)
+        scores = torch.where(scores > conf, scores, torch.full_like(scores, -1.0))
+        top_scores, top_index = scores.topk(min(topk, scores.numel()))
+        order = [int(i) for s, i in zip(top_scores.tolist(), top_index.tolist(), strict=True) if s > conf]
+        boxes = candidates[b, :, :4].double().tolist()
+        kept = []
+        for j in order:
+            jx0, jy0, jx1, jy1 = boxes[j]
+            suppressed = False
+            for i in kept:
+                if int(classes[i]) != int(classes[j]):
+                    continue
+                ix0, iy0, ix1, iy1 = boxes[i]
+                inter = max(min(ix1, jx1) - max(ix0, jx0), 0.0) * max(min(iy1, jy1) - max(iy0, jy0), 0.0)
+                union = (ix1 - ix0) * (iy1 - iy0) + (jx1 - jx0) * (jy1 - jy0) - inter
+                smaller = min(max(ix1 - ix0, 0.0) * max(iy1 - iy0, 0.0), max(jx1 - jx0, 0.0) * max(jy1 - jy0, 0.0))
+                if (union != 0 and inter / union > iou_threshold) or (
+                    smaller > 0 and inter / smaller > containment_threshold
+                ):
+                    suppressed = True
+                    break
+            if not suppressed:
+                kept.append(j)
+        results.append(kept[:max_det])
+    return results
+
+
+@pytest.mark.parametrize("containment", [0.5, 0.9, 0.999])
+@pytest.mark.parametrize(
+    "batch, num, classes, conf, iou, max_det, topk, seed",
+    [
+        (3, 60, 3, 0.1, 0.45, 100, 1000, 11),
+        (2, 150, 2, 0.05, 0.3, 100, 1000, 12),
+        (2, 150, 2, 0.05, 0.45, 7, 1000, 13),  # max_detections truncates
+        (2, 120, 4, 0.05, 1.0, 100, 50, 14),  # IoU 1: only containment merges; topk keeps 50
+        (1, 1, 1, 0.25, 0.45, 100, 1000, 15),
+    ],
+)
+def test_containment_nms_matches_per_image_loop(batch, num, classes, conf, iou, max_det, topk, seed, containment):
+    candidates = random_candidates(batch, num, classes, seed)
+    class_ids, requested = torch.tensor([[0, classes - 1]] * batch), torch.tensor([[1, 2]] * batch)
+    match = box_match(candidates, class_ids, requested, conf, iou, max_det, topk, containment)
+    for b, kept in enumerate(containment_loop_oracle(candidates, conf, iou, max_det, topk, containment)):
+        assert match.keep_indices[b, : match.num_kept[b]].tolist() == kept
+        assert (match.keep_indices[b, len(kept) :] == -1).all()
+
+
+def test_containment_merges_boxes_that_plain_nms_keeps():
+    # The random inputs above exercise the rule: containment 0.5 keeps strictly fewer boxes than plain NMS.
+    candidates = random_candidates(4, 150, 3, seed=16)
+    slots = (torch.tensor([[0, 1, 2]] * 4), torch.tensor([[1, 1, 1]] * 4))
+    plain = box_match(candidates, *slots, 0.05, 0.45)
+    merged = box_match(candidates, *slots, 0.05, 0.45, containment_threshold=0.5)
+    assert (merged.num_kept <= plain.num_kept).all() and merged.num_kept.sum() < plain.num_kept.sum()
+
+
+def assert_keeps_what_batched_nms_keeps(match, candidates, conf, iou, max_detections):
+    """Per image: the kept indices are torchvision's batched_nms over the candidates above conf (best class each)."""
+    for b in range(candidates.shape[0]):
+        scores, classes = candidates[b, :, 4:].max(-1)
+        index = torch.nonzero(scores > conf)[:, 0]
+        kept = torchvision.ops.batched_nms(
+            candidates[b, index, :4].double(), scores[index].double(), classes[index], iou
+        )[:max_detections]
+        assert match.keep_indices[b, : match.num_kept[b]].tolist() == index[kept].tolist()
+
+
+@pytest.mark.parametrize("seed", [17, 18])
+def test_containment_threshold_1_keeps_what_batched_nms_keeps(seed):
+    candidates = random_candidates(3, 120, 3, seed)
+    class_ids, requested = torch.tensor([[0, 1, 2]] * 3), torch.tensor([[1, 1, 1]] * 3)
+    match = box_match(candidates, class_ids, requested, 0.1, 0.45, 100, 1000, 1.0)
+    assert_keeps_what_batched_nms_keeps(match, candidates, 0.1, 0.45, 100)
+    # The greedy path with a threshold that cannot fire (NaN compares false) agrees with the torchvision path.
+    nan = box_match(candidates, class_ids, requested, 0.1, 0.45, 100, 1000, float("nan"))
+    for field in match._fields:
+        assert torch.equal(getattr(nan, field), getattr(match, field)), field

@@ -24,6 +24,7 @@ from rewardscope.kernels import reference  # noqa: E402
 from rewardscope.kernels.ops import BoxMatch, LayoutMatch  # noqa: E402
 from rewardscope.kernels.triton.box_match import box_match as triton_box_match  # noqa: E402
 from rewardscope.kernels.triton.layout_match import layout_match as triton_layout_match  # noqa: E402
+from test_kernels_reference import CONTAINMENT_CASES, assert_keeps_what_batched_nms_keeps, boxes_of_one_image  # noqa: E402
 
 BOX_MATCH_BACKENDS = {"triton": triton_box_match, "reference": reference.box_match}
 LAYOUT_MATCH_BACKENDS = {"triton": triton_layout_match, "reference": reference.layout_match}
@@ -106,8 +107,8 @@ PARITY_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", PARITY_CASES.values(), ids=PARITY_CASES.keys())
-def test_triton_box_match_equals_reference(case):
+def parity_candidates(case):
+    """The candidates a PARITY_CASES entry describes."""
     candidates = make_candidates(
         case["batch"],
         case["num"],
@@ -124,12 +125,74 @@ def test_triton_box_match_equals_reference(case):
         wide[:, ::2] = candidates
         candidates = wide[:, ::2]
         assert not candidates.is_contiguous()
+    return candidates
+
+
+@pytest.mark.parametrize("case", PARITY_CASES.values(), ids=PARITY_CASES.keys())
+def test_triton_box_match_equals_reference(case):
+    candidates = parity_candidates(case)
     class_ids, requested = prompt_slots(case["batch"], case["classes"])
     options = (case.get("conf", 0.25), case.get("iou", 0.45), case.get("max_det", 100), case.get("topk", 1000))
     got = triton_box_match(candidates, class_ids, requested, *options)
     want = reference.box_match(candidates, class_ids, requested, *options)
     assert_box_matches_agree(got, want, atol=case.get("atol", 1e-5), rtol=case.get("rtol", 0.0))
     assert_kept_rows_are_consistent(got, candidates, options[2])
+
+
+# Smaller than PARITY_CASES (each runs at three containment thresholds in the interpreter).
+CONTAINMENT_PARITY_CASES = {
+    "clustered boxes, 3 classes": dict(batch=2, num=60, classes=3, conf=0.05),
+    "ranks span three 64-box tiles": dict(batch=1, num=170, classes=2, conf=0.01),
+    "more kept boxes than max_detections": dict(batch=2, num=80, classes=2, conf=0.05, max_det=4),
+    "pre_nms_topk keeps only the 30 best": dict(batch=2, num=80, classes=2, conf=0.05, topk=30),
+    "IoU threshold 1: only containment merges": dict(batch=2, num=60, classes=2, conf=0.05, iou=1.0),
+    "score ties": dict(batch=2, num=80, classes=2, conf=0.25, levels=4),
+    "negative coordinates": dict(batch=2, num=60, classes=3, conf=0.05, offset=-300.0),
+    "zero-area and inverted boxes": dict(batch=2, num=60, classes=2, conf=0.05, degenerate=True),
+    "float64 candidates": dict(batch=2, num=60, classes=3, conf=0.05, dtype=torch.float64),
+    "float16 candidates": dict(batch=2, num=60, classes=3, conf=0.05, dtype=torch.float16, atol=2e-3),
+    "no candidates (N = 0)": dict(batch=2, num=0, classes=3),
+}
+
+
+@pytest.mark.parametrize("containment", [0.5, 0.9, 1.0])
+@pytest.mark.parametrize("case", CONTAINMENT_PARITY_CASES.values(), ids=CONTAINMENT_PARITY_CASES.keys())
+def test_triton_box_match_with_containment_equals_reference(case, containment):
+    candidates = parity_candidates(case)
+    class_ids, requested = prompt_slots(case["batch"], case["classes"])
+    options = (case.get("conf", 0.25), case.get("iou", 0.45), case.get("max_det", 100), case.get("topk", 1000))
+    got = triton_box_match(candidates, class_ids, requested, *options, containment)
+    want = reference.box_match(candidates, class_ids, requested, *options, containment)
+    assert_box_matches_agree(got, want, atol=case.get("atol", 1e-5))
+    assert_kept_rows_are_consistent(got, candidates, options[2])
+
+
+def test_containment_parity_cases_exercise_the_rule():
+    # At 0.5 the containment rule merges boxes plain NMS keeps in the random parity inputs (else the parity
+    # above would only compare plain NMS twice).
+    case = CONTAINMENT_PARITY_CASES["clustered boxes, 3 classes"]
+    candidates = parity_candidates(case)
+    slots = prompt_slots(case["batch"], case["classes"])
+    plain = triton_box_match(candidates, *slots, case["conf"])
+    merged = triton_box_match(candidates, *slots, case["conf"], containment_threshold=0.5)
+    assert (merged.num_kept <= plain.num_kept).all() and merged.num_kept.sum() < plain.num_kept.sum()
+
+
+@pytest.mark.parametrize("backend", BOX_MATCH_BACKENDS)
+@pytest.mark.parametrize(
+    "boxes, scores, classes, iou, containment, kept", CONTAINMENT_CASES.values(), ids=CONTAINMENT_CASES.keys()
+)
+def test_containment_rule_on_both_backends(backend, boxes, scores, classes, iou, containment, kept):
+    candidates = boxes_of_one_image(boxes, scores, classes)
+    slots = (torch.tensor([[0, 1]]), torch.tensor([[1, 1]]))
+    match = BOX_MATCH_BACKENDS[backend](candidates, *slots, 0.25, iou, 100, 1000, containment)
+    assert match.keep_indices[0, : match.num_kept[0]].tolist() == kept
+
+
+def test_containment_threshold_1_on_triton_keeps_what_torchvision_batched_nms_keeps():
+    candidates = make_candidates(2, 80, 3, seed=4)
+    match = triton_box_match(candidates, *prompt_slots(2, 3), 0.1, 0.45, 100, 1000, 1.0)
+    assert_keeps_what_batched_nms_keeps(match, candidates, 0.1, 0.45, 100)
 
 
 @pytest.mark.parametrize(

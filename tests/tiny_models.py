@@ -27,6 +27,16 @@ def vocabulary() -> list[str]:
     return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(WORDS + PUNCTUATION)]
 
 
+def save_model(directory: Path, model_class, config, preprocessor, seed: int) -> Path:
+    """Seeds torch, builds `model_class(config)` in eval mode and saves it with its tokenizer or processor."""
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    preprocessor.save_pretrained(directory)
+    return directory
+
+
 def blip_processor(image_size: int):
     """BERT word-piece tokenizer (with BLIP's [DEC] start token) and a BLIP image processor."""
     from transformers import BertTokenizer, BlipImageProcessor, BlipProcessor
@@ -64,12 +74,7 @@ def save_tiny_blip(directory: Path, task: str, image_size: int = 32, hidden: int
         initializer_range=0.3,
     )
     model_class = {"caption": BlipForConditionalGeneration, "vqa": BlipForQuestionAnswering}[task]
-    torch.manual_seed(seed)
-    model = model_class(config).eval()
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
+    return save_model(directory, model_class, config, processor, seed)
 
 
 def word_tokenizer():
@@ -103,12 +108,7 @@ def save_tiny_causal_lm(directory: Path, hidden: int = 32, seed: int = 0) -> Pat
         pad_token_id=tokenizer.pad_token_id,
         initializer_range=0.3,
     )
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(config).eval()
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_model(directory, GPT2LMHeadModel, config, tokenizer, seed)
 
 
 def save_tiny_blip2(directory: Path, image_size: int = 32, hidden: int = 32, seed: int = 0) -> Path:
@@ -151,12 +151,7 @@ def save_tiny_blip2(directory: Path, image_size: int = 32, hidden: int = 32, see
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         initializer_range=0.3,
     )
-    torch.manual_seed(seed)
-    model = Blip2ForConditionalGeneration(config).eval()
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
+    return save_model(directory, Blip2ForConditionalGeneration, config, processor, seed)
 
 
 def save_all(root: Path) -> dict[str, Path]:

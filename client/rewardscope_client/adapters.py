@@ -8,13 +8,13 @@ a 0 would teach the model that the image was bad when the service merely could n
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import numpy as np
 
-from .client import RewardClient
+from .client import Metadata, RewardClient
 from .images import is_torch_tensor
 from .protocol import RewardSpec
 from .results import ScoreBatch
@@ -97,13 +97,13 @@ class DDPORewardFunction:
         return finish
 
     def __call__(
-        self, images: Any, prompts: Sequence[str], prompt_metadata: Sequence[Mapping[str, Any] | None] | None = None
+        self, images: Any, prompts: Sequence[str], prompt_metadata: Metadata = None
     ) -> tuple[Any, dict[str, Any]]:
         batch = self.client.score(images, prompts, prompt_metadata, rewards=self.rewards, profile=self.profile)
         return self._finish(_torch_device(images))(batch)
 
     def submit(
-        self, images: Any, prompts: Sequence[str], prompt_metadata: Sequence[Mapping[str, Any] | None] | None = None
+        self, images: Any, prompts: Sequence[str], prompt_metadata: Metadata = None
     ) -> Future[tuple[Any, dict[str, Any]]]:
         """The same call in the background: a Future of (rewards, metadata); the inputs may be reused at once."""
         future = self.client.score_async(images, prompts, prompt_metadata, rewards=self.rewards, profile=self.profile)
@@ -126,21 +126,13 @@ class FlowGRPORewardFunction:
         return {**batch.rewards, "avg": batch.total}, batch_info(batch)
 
     def __call__(
-        self,
-        images: Any,
-        prompts: Sequence[str],
-        metadata: Sequence[Mapping[str, Any] | None] | None = None,
-        only_strict: bool = True,
+        self, images: Any, prompts: Sequence[str], metadata: Metadata = None, only_strict: bool = True
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         del only_strict
         return self._finish(self.client.score(images, prompts, metadata, rewards=self.rewards, profile=self.profile))
 
     def submit(
-        self,
-        images: Any,
-        prompts: Sequence[str],
-        metadata: Sequence[Mapping[str, Any] | None] | None = None,
-        only_strict: bool = True,
+        self, images: Any, prompts: Sequence[str], metadata: Metadata = None, only_strict: bool = True
     ) -> Future[tuple[dict[str, np.ndarray], dict[str, Any]]]:
         """The same call in the background: a Future of (scores, info); the inputs may be reused at once."""
         del only_strict
@@ -149,10 +141,7 @@ class FlowGRPORewardFunction:
 
 
 def ddpo_reward_fn(
-    client: RewardClient,
-    rewards: str | RewardSpec | None = None,
-    profile: str | None = None,
-    select: str = "total",
+    client: RewardClient, rewards: str | RewardSpec | None = None, profile: str | None = None, select: str = "total"
 ) -> DDPORewardFunction:
     """A TRL DDPOTrainer `reward_function` scoring through `client`.
 

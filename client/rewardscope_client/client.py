@@ -14,9 +14,12 @@ import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import httpx
+
+if TYPE_CHECKING:  # Python 3.11 has it in typing
+    from typing_extensions import Unpack
 
 from ._version import __version__
 from .images import ENCODINGS, Encoding
@@ -48,6 +51,24 @@ JOB_CANCEL, JOB_DELETE = "/jobs/score/cancel", "/jobs/score"
 
 Images = Any  # a sequence of images or a batched array/tensor: see images.split_images
 Metadata = Sequence[Mapping[str, Any] | None] | None
+Prompts = str | Sequence[str]
+Rewards = str | RewardSpec | None  # reward names, or {name: weight}; None: the service's default set
+Profile = str | None  # a profile name; None: the service's default
+
+
+class ScoreOptions(TypedDict, total=False):
+    """The keyword options of score(), score_async() and submit()."""
+
+    rewards: Rewards
+    profile: Profile
+
+
+def score_fields(options: Mapping[str, Any]) -> dict[str, Any]:
+    """ScoreOptions -> the request fields of each item; an unknown option is a TypeError, as for any keyword."""
+    unknown = sorted(set(options) - set(ScoreOptions.__annotations__))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {', '.join(unknown)}: the options are rewards and profile")
+    return {"rewards": rewards_spec(options.get("rewards")), "profile": options.get("profile")}
 
 
 @dataclass
@@ -148,19 +169,12 @@ class _ClientBase:
         self._sleep: Callable[[float], Any] = type(self)._backoff_sleep  # tests replace it to record backoffs
 
     def score_async(
-        self,
-        images: Images,
-        prompts: str | Sequence[str],
-        metadata: Metadata = None,
-        rewards: str | RewardSpec | None = None,
-        profile: str | None = None,
+        self, images: Images, prompts: Prompts, metadata: Metadata = None, **options: Unpack[ScoreOptions]
     ) -> Any:
         """score() in the background: returns at once with a concurrent.futures.Future (RewardClient) or an
         asyncio.Task (AsyncRewardClient), so sampling can overlap scoring. Pixels are copied before returning:
         the caller may reuse its buffers immediately."""
-        plan = self._score_plan(
-            "/score", images, prompts, metadata, copy=True, rewards=rewards_spec(rewards), profile=profile
-        )
+        plan = self._score_plan("/score", images, prompts, metadata, copy=True, **score_fields(options))
         return self._in_background(plan)
 
     def _in_background(self, plan: _Plan) -> Any:
@@ -183,13 +197,7 @@ class _ClientBase:
 
     # -- Plans: what to send, chunk by chunk ---------------------------------------------------------------
     def _score_plan(
-        self,
-        path: str,
-        images: Images,
-        prompts: str | Sequence[str],
-        metadata: Metadata,
-        copy: bool = False,
-        **fields: Any,
+        self, path: str, images: Images, prompts: Prompts, metadata: Metadata, copy: bool = False, **fields: Any
     ) -> _Plan:
         sources, prompt_list, metadata_list = prepare(images, prompts, metadata, copy=copy)
 
@@ -202,11 +210,11 @@ class _ClientBase:
         return _Plan(path, "items", chunk_ranges(len(sources), self.chunk_size), build)
 
     def _match_plan(
-        self, images: Images, prompts: str | Sequence[str], variant: str, metadata: Metadata, profile: str | None
+        self, images: Images, prompts: Prompts, variant: str, metadata: Metadata, profile: Profile
     ) -> _Plan:
         return self._score_plan("/match", images, prompts, metadata, variant=variant, profile=profile)
 
-    def _rank_plan(self, groups: Sequence[Any], rewards: str | RewardSpec | None, profile: str | None) -> _Plan:
+    def _rank_plan(self, groups: Sequence[Any], rewards: Rewards, profile: Profile) -> _Plan:
         prepared = prepare_groups(groups)
 
         def build(chunk: range) -> list[dict[str, Any]]:
@@ -219,12 +227,7 @@ class _ClientBase:
         )
 
     def _grad_plan(
-        self,
-        images: Images,
-        prompts: str | Sequence[str],
-        rewards: str | RewardSpec | None,
-        profile: str | None,
-        dtype: str,
+        self, images: Images, prompts: Prompts, rewards: Rewards, profile: Profile, dtype: str
     ) -> tuple[_Plan, list[tuple[int, ...]]]:
         arrays = float_images(images)
         prompt_list = [prompts] * len(arrays) if isinstance(prompts, str) else list(prompts)
@@ -238,19 +241,13 @@ class _ClientBase:
         plan = _Plan("/grad", "items", chunk_ranges(len(arrays), self.chunk_size), build)
         return plan, [array.shape for array in arrays]
 
-    def _job_items(self, images: Images, prompts: str | Sequence[str], metadata: Metadata, **fields: Any) -> list:
+    def _job_items(self, images: Images, prompts: Prompts, metadata: Metadata, **fields: Any) -> list:
         plan = self._score_plan(JOB_SUBMIT, images, prompts, metadata, **fields)
         return [entry for chunk in plan.chunks for entry in plan.build(chunk)]
 
     # -- The client logic: each operation a generator of effects ----------------------------------------------
     def _request(
-        self,
-        method: str,
-        path: str,
-        *,
-        json: Any = None,
-        params: dict[str, Any] | None = None,
-        retry: bool = True,
+        self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None, retry: bool = True
     ) -> Steps:
         """Send until a final answer: success returns the response, a final error raises RewardServiceError."""
         attempts = 0
@@ -294,12 +291,7 @@ class _ClientBase:
 
     # -- Operations (the public methods of both clients) ----------------------------------------------------
     def _score(
-        self,
-        images: Images,
-        prompts: str | Sequence[str],
-        metadata: Metadata = None,
-        rewards: str | RewardSpec | None = None,
-        profile: str | None = None,
+        self, images: Images, prompts: Prompts, metadata: Metadata = None, **options: Unpack[ScoreOptions]
     ) -> Steps:
         """Score N (image, prompt) pairs: POST /score in chunks. Failed items are NaN (see ScoreBatch).
 
@@ -308,16 +300,11 @@ class _ClientBase:
         (GenEval-style {"include": [...], "exclude": [...]}). rewards: names or {name: weight}; None: the
         service's default set. profile: "train" or "benchmark"; None: the service's default.
         """
-        plan = self._score_plan("/score", images, prompts, metadata, rewards=rewards_spec(rewards), profile=profile)
+        plan = self._score_plan("/score", images, prompts, metadata, **score_fields(options))
         return ScoreBatch.from_items((yield _Execute(plan)))
 
     def _grad(
-        self,
-        images: Images,
-        prompts: str | Sequence[str],
-        rewards: str | RewardSpec | None = None,
-        profile: str | None = None,
-        dtype: str = "float16",
+        self, images: Images, prompts: Prompts, rewards: Rewards = None, profile: Profile = None, dtype: str = "float16"
     ) -> Steps:
         """Reward values and d(weighted total)/d(pixels): POST /grad. images: float [B, 3, H, W] in [0, 1]
         (array or tensor) or a list of [3, H, W]; sent as `dtype` .npy. For autograd use RemoteReward."""
@@ -327,19 +314,17 @@ class _ClientBase:
     def _match(
         self,
         images: Images,
-        prompts: str | Sequence[str],
+        prompts: Prompts,
         variant: str = "seed",
         metadata: Metadata = None,
-        profile: str | None = None,
+        profile: Profile = None,
     ) -> Steps:
         """Detection matching score with its breakdown: POST /match (the service's schema names the variants).
         Per item: {"score", "variant", "details", "error", "error_code", "profile", "versions"}; score None where
         the item failed."""
         return (yield _Execute(self._match_plan(images, prompts, variant, metadata, profile)))
 
-    def _rank(
-        self, groups: Sequence[Any], rewards: str | RewardSpec | None = None, profile: str | None = None
-    ) -> Steps:
+    def _rank(self, groups: Sequence[Any], rewards: Rewards = None, profile: Profile = None) -> Steps:
         """Rank candidates per prompt: POST /rank. groups: (prompt, images) or (prompt, images, metadata).
         Per group: {"scores", "order" (best first), "chosen", "rejected" (the DPO pair), "candidates"}."""
         return (yield _Execute(self._rank_plan(groups, rewards, profile)))
@@ -354,16 +339,10 @@ class _ClientBase:
         return isinstance(outcome, httpx.Response) and outcome.status_code == 200
 
     def _submit(
-        self,
-        images: Images,
-        prompts: str | Sequence[str],
-        metadata: Metadata = None,
-        rewards: str | RewardSpec | None = None,
-        profile: str | None = None,
+        self, images: Images, prompts: Prompts, metadata: Metadata = None, **options: Unpack[ScoreOptions]
     ) -> Steps:
         """Queue a background scoring job (one request, not chunked): POST /jobs/score/submit; returns its id."""
-        fields = {"rewards": rewards_spec(rewards), "profile": profile}
-        items = yield _Compute(functools.partial(self._job_items, **fields), (images, prompts, metadata))
+        items = yield _Compute(functools.partial(self._job_items, **score_fields(options)), (images, prompts, metadata))
         answer = _json((yield from self._request("POST", JOB_SUBMIT, json={"items": items})), JOB_SUBMIT)
         return str(answer["task_id"])
 
@@ -432,6 +411,14 @@ def _awaitable(operation: Callable[..., Steps]) -> Callable[..., Any]:
     return method
 
 
+def _advance(steps: Steps, outcome: Any) -> tuple[bool, Any]:
+    """One step of an operation: (False, the next effect) or (True, its result)."""
+    try:
+        return False, steps.send(outcome)
+    except StopIteration as done:
+        return True, done.value
+
+
 def _send_options(effect: _Send) -> dict[str, Any]:
     options: dict[str, Any] = {"json": effect.json, "params": effect.params}
     if effect.timeout is not None:
@@ -464,13 +451,10 @@ class RewardClient(_ClientBase):
 
     def _drive(self, steps: Steps) -> Any:
         """Run an operation to its end with blocking calls."""
-        outcome: Any = None
-        while True:
-            try:
-                effect = steps.send(outcome)
-            except StopIteration as done:
-                return done.value
-            outcome = self._perform(effect)
+        finished, value = _advance(steps, None)
+        while not finished:
+            finished, value = _advance(steps, self._perform(value))
+        return value
 
     def _perform(self, effect: Any) -> Any:
         if isinstance(effect, _Send):
@@ -537,13 +521,10 @@ class AsyncRewardClient(_ClientBase):
 
     async def _drive(self, steps: Steps) -> Any:
         """Run an operation to its end with awaits."""
-        outcome: Any = None
-        while True:
-            try:
-                effect = steps.send(outcome)
-            except StopIteration as done:
-                return done.value
-            outcome = await self._perform(effect)
+        finished, value = _advance(steps, None)
+        while not finished:
+            finished, value = _advance(steps, await self._perform(value))
+        return value
 
     async def _perform(self, effect: Any) -> Any:
         if isinstance(effect, _Send):

@@ -5,7 +5,8 @@ Stages (B images, N candidates, C classes, T = min(pre_nms_topk, N), W = ceil(T 
 M = max_detections, K prompt slots; s = bytes per candidate element):
   1. _best_class_kernel   [B, ceil(N / 128)]  candidates -> score (thresholded) and class per candidate
   2. torch.topk           per image            scores -> T candidates in descending score (the tie order)
-  3. _iou_mask_kernel     [B, T / 16, W]       16 x 64 strips of "row suppresses column" bits, same class only
+  3. _iou_mask_kernel     [B, T / 16, W]       16 x 64 strips of "row suppresses column" bits (IoU or
+                                               containment), same class only
   4. _nms_sweep_kernel    [B]                  greedy walk over the bitmask -> kept detections, padded
   5. _soft_count_kernel   [B]                  per prompt slot: count, confidence sum / mean, Poisson-binomial
 Importing this module defines the kernels: set TRITON_INTERPRET=1 before importing it to run them on CPU
@@ -19,6 +20,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from .. import reference
 from ..reference import BoxMatch
 
 # Fixed launch configurations (no autotuning: the interpreter cannot run multi-config autotune). Register
@@ -134,6 +136,7 @@ def _iou_mask_kernel(
     top_scores_ptr,
     conf_ptr,
     iou_ptr,
+    containment_ptr,
     mask_ptr,
     num_candidates,
     num_top,
@@ -143,12 +146,15 @@ def _iou_mask_kernel(
     stride_c,
     ROWS: tl.constexpr,
     TILE: tl.constexpr,
+    CONTAINMENT: tl.constexpr,
 ):
     # Stage 3. Grid [B, ceil(T / ROWS), W]: program (image, r, c) covers ranks [ROWS r, ROWS r + ROWS) x
     # [64c, 64c + 64) of the image's topk list (a ROWS x 64 tile of a 64 x 64 bitmask tile) and writes
     # mask[image, i, c], one int64 word per row i: bit (j - 64c) is set when rank i suppresses rank j, i.e.
     # j > i, both valid (score > conf), same class and IoU > iou_threshold (strict, float64, the same
-    # operations as torchvision's CPU nms, launched without FMA contraction; 0 / 0 never suppresses).
+    # operations as torchvision's CPU nms, launched without FMA contraction; 0 / 0 never suppresses), or, when
+    # CONTAINMENT (containment_threshold < 1), inter / min(area_i, area_j) > containment_threshold (areas
+    # clamped at 0; a zero-area box has containment 0), as reference.suppression_matrix computes it.
     # Programs whose columns all precede their rows exit at once, so only the upper triangle is computed and
     # written. No float IoU matrix is stored.
     # Traffic per image: reads T ranked rows (index 8, score s, class 4, box 4s bytes) once from HBM and
@@ -196,6 +202,14 @@ def _iou_mask_kernel(
     union = ((ax1 - ax0) * (ay1 - ay0))[:, None] + ((bx1 - bx0) * (by1 - by0))[None, :] - inter
     has_union = union != 0.0
     overlaps = has_union & (inter / tl.where(has_union, union, 1.0) > iou_threshold)
+    if CONTAINMENT:
+        containment_threshold = tl.load(containment_ptr)
+        a_area = tl.maximum(ax1 - ax0, 0.0) * tl.maximum(ay1 - ay0, 0.0)
+        b_area = tl.maximum(bx1 - bx0, 0.0) * tl.maximum(by1 - by0, 0.0)
+        smaller = tl.minimum(a_area[:, None], b_area[None, :])
+        has_area = smaller > 0.0
+        contained = has_area & (inter / tl.where(has_area, smaller, 1.0) > containment_threshold)
+        overlaps = overlaps | contained
     suppress = (
         overlaps
         & (a_cls[:, None] == b_cls[None, :])
@@ -405,20 +419,24 @@ def check_device(interpreted: bool, *tensors: torch.Tensor) -> None:
     )
 
 
+@reference.takes_arguments_of(reference.box_match)
 def box_match(
-    candidates: torch.Tensor,
-    class_ids: torch.Tensor,
-    requested: torch.Tensor,
-    conf_threshold: float = 0.25,
-    iou_threshold: float = 0.45,
-    max_detections: int = 100,
-    pre_nms_topk: int = 1000,
-) -> BoxMatch:
+    candidates,
+    class_ids,
+    requested,
+    conf_threshold,
+    iou_threshold,
+    max_detections,
+    pre_nms_topk,
+    containment_threshold,
+):
     """Detections -> per-(image, prompt class) counts, confidences and soft counts (see reference.box_match).
 
     candidates [B, N, 4 + C] (any float dtype, any strides); class_ids [B, K] int64 (-1 padding);
-    requested [B, K] int64. Kept detections, their order and tie-breaking match the reference exactly; the
-    float outputs agree to rounding.
+    requested [B, K] int64. containment_threshold < 1 also merges a same-class box lying more than that
+    fraction inside a kept one (intersection / the smaller area), the duplicate rule of T2I-CompBench's
+    numeracy evaluation; 1 (the default) never fires and skips the test. Kept detections, their order and
+    tie-breaking match the reference exactly; the float outputs agree to rounding.
     """
     if candidates.ndim != 3 or candidates.shape[-1] < 5:
         raise ValueError(f"candidates must be [B, N, 4 + C], got {tuple(candidates.shape)}")
@@ -431,9 +449,11 @@ def box_match(
     class_ids = class_ids.to(torch.int64).contiguous()
     requested = requested.to(torch.int64).contiguous()
     # Thresholds travel as tensors: conf in the candidates' dtype (torch rounds the Python float to it before
-    # comparing), the IoU threshold in float64 (torchvision compares a float64 IoU with a double).
+    # comparing), the IoU and containment thresholds in float64 (torchvision compares a float64 IoU with a
+    # double; the reference's containment is float64 too).
     conf = torch.full((1,), conf_threshold, dtype=dtype, device=device)
     iou = torch.full((1,), iou_threshold, dtype=torch.float64, device=device)
+    containment = torch.full((1,), containment_threshold, dtype=torch.float64, device=device)
     strides = candidates.stride()
 
     keep_indices = torch.empty((batch, max_detections), dtype=torch.int64, device=device)
@@ -475,6 +495,7 @@ def box_match(
             top_scores,
             conf,
             iou,
+            containment,
             mask,
             num_candidates,
             num_top,
@@ -482,6 +503,8 @@ def box_match(
             *strides,
             ROWS=MASK_ROWS,
             TILE=TILE,
+            # The ratio is at most 1: a threshold >= 1 never fires, so that launch skips the test.
+            CONTAINMENT=bool(containment_threshold < 1),
             num_warps=4,
             enable_fp_fusion=False,  # no FMA: the IoU rounds like torchvision's CPU loop, bit for bit
         )
@@ -509,9 +532,11 @@ def box_match(
             num_warps=1,
         )
 
-    counts = torch.empty((batch, num_slots), dtype=torch.int64, device=device)
-    confidence_sum = torch.empty((batch, num_slots), dtype=dtype, device=device)
-    confidence_mean, p_exact, p_at_least = (torch.empty_like(confidence_sum) for _ in range(3))
+    # counts, confidence_sum, confidence_mean, p_exact, p_at_least: BoxMatch's fields after num_kept.
+    soft = (
+        torch.empty((batch, num_slots), dtype=torch.int64, device=device),
+        *(torch.empty((batch, num_slots), dtype=dtype, device=device) for _ in range(4)),
+    )
     if batch and num_slots:
         _soft_count_kernel[(batch,)](
             keep_scores,
@@ -519,26 +544,11 @@ def box_match(
             num_kept,
             class_ids,
             requested,
-            counts,
-            confidence_sum,
-            confidence_mean,
-            p_exact,
-            p_at_least,
+            *soft,
             num_slots,
             max(max_detections, 0),
             SLOTS=triton.next_power_of_2(num_slots),
             MAX_DET=max_det_block,
             ROOTS=triton.next_power_of_2(max(max_detections, 0) + 1),
         )
-    return BoxMatch(
-        keep_indices,
-        keep_boxes,
-        keep_scores,
-        keep_classes,
-        num_kept,
-        counts,
-        confidence_sum,
-        confidence_mean,
-        p_exact,
-        p_at_least,
-    )
+    return BoxMatch(keep_indices, keep_boxes, keep_scores, keep_classes, num_kept, *soft)

@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from .. import reference
 from ..reference import LayoutMatch
 from .box_match import check_device
 
@@ -82,14 +83,8 @@ def _layout_match_kernel(
 INTERPRETED = isinstance(_layout_match_kernel, InterpretedFunction)
 
 
-def layout_match(
-    det_boxes: torch.Tensor,
-    det_scores: torch.Tensor,
-    det_classes: torch.Tensor,
-    target_boxes: torch.Tensor,
-    target_classes: torch.Tensor,
-    iou_threshold: float = 0.5,
-) -> LayoutMatch:
+@reference.takes_arguments_of(reference.layout_match)
+def layout_match(det_boxes, det_scores, det_classes, target_boxes, target_classes, iou_threshold) -> LayoutMatch:
     """Greedy matching of detections [B, M] to targets [B, T] of the same class (see reference.layout_match).
 
     det_boxes [B, M, 4], det_scores [B, M], det_classes [B, M] int64 (-1 padding);

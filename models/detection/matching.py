@@ -17,7 +17,7 @@ from rewardscope.kernels import ops as kernel_ops
 
 from ..prompt import ObjectSpec, ParsedPrompt, from_geneval_metadata, parse_prompt, to_geneval_metadata
 from ..registry import RewardDeclaration, declaration, matching_variants, register_reward
-from ..types import RewardOutput, Sample
+from ..types import RewardOutput, Sample, Unscorable, score_planned
 from .detector import EMBEDDED, Detector, DetectorConfig, OnnxDetector
 
 MAX_LAYOUT_TARGETS = 64
@@ -151,12 +151,6 @@ def _onnx_detector(path: str | None, config: DetectorConfig, quantized: bool) ->
     return OnnxDetector(source, config)
 
 
-class _Unscorable(ValueError):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 @dataclass
 class _Plan:
     """A sample's prompt turned into detector slots: objects first, then GenEval excludes."""
@@ -244,7 +238,7 @@ class MatchingReward:
     def _layout_plan(self, sample: Sample) -> _Plan:
         layout = (sample.metadata or {}).get("layout")
         if not isinstance(layout, list) or not layout:
-            raise _Unscorable(
+            raise Unscorable(
                 "no_layout", "the layout variant needs metadata {'layout': [{'class': ..., 'box': [x0, y0, x1, y1]}]}"
             )
         if len(layout) > MAX_LAYOUT_TARGETS:
@@ -256,7 +250,7 @@ class MatchingReward:
             name, box = entry["class"], entry["box"]
             resolved = parse_prompt(f"a {name}", self.vocabulary).objects if isinstance(name, str) else ()
             if len(resolved) != 1:
-                raise _Unscorable("unknown_class", f"layout class {name!r} is not one the detector knows")
+                raise Unscorable("unknown_class", f"layout class {name!r} is not one the detector knows")
             if (
                 not isinstance(box, list)
                 or len(box) != 4
@@ -284,14 +278,14 @@ class MatchingReward:
                 parsed = from_geneval_metadata(to_geneval_metadata(parsed, self.vocabulary), self.vocabulary)
         if not parsed.objects:
             unknown = f" (nouns it cannot see: {', '.join(parsed.unknown)})" if parsed.unknown else ""
-            raise _Unscorable("no_countable_object", f"prompt names no object the detector knows{unknown}")
+            raise Unscorable("no_countable_object", f"prompt names no object the detector knows{unknown}")
         colors = [spec.color for spec in parsed.objects if spec.color] if self.variant == "geneval" else []
         if colors and self.color_classifier is None:
-            raise _Unscorable(
+            raise Unscorable(
                 "colour_unavailable", "colour attributes need a CLIP colour classifier; none is configured"
             )
         if colors and set(colors) - set(self.color_classifier.colors):  # type: ignore[union-attr]
-            raise _Unscorable(
+            raise Unscorable(
                 "colour_unavailable",
                 f"GenEval classifies only {', '.join(self.color_classifier.colors)}; "  # type: ignore[union-attr]
                 f"the prompt asks for {', '.join(sorted(set(colors)))}",
@@ -299,23 +293,8 @@ class MatchingReward:
         slots = list(parsed.objects) + (list(parsed.exclude) if self.variant == "geneval" else [])
         return _Plan(parsed, [self.class_index[s.class_name] for s in slots], [s.count for s in slots])
 
-    def score(self, samples: list[Sample]) -> list[RewardOutput | None]:
-        outputs: list[RewardOutput | None] = [None] * len(samples)
-        plans: dict[int, _Plan] = {}
-        for index, sample in enumerate(samples):
-            try:
-                plans[index] = self._plan(sample)
-            except _Unscorable as exc:
-                outputs[index] = RewardOutput(None, {"variant": self.variant}, str(exc), exc.code)
-            except (ValueError, TypeError) as exc:  # bad GenEval metadata from the caller
-                outputs[index] = RewardOutput(None, {"variant": self.variant}, str(exc), "bad_metadata")
-        ready = sorted(plans)
-        for start in range(0, len(ready), self.batch_size):
-            chunk = ready[start : start + self.batch_size]
-            scored = self._score_batch([samples[i] for i in chunk], [plans[i] for i in chunk])
-            for index, output in zip(chunk, scored, strict=True):
-                outputs[index] = output
-        return outputs
+    def score(self, samples: list[Sample]) -> list[RewardOutput]:
+        return score_planned(samples, self._plan, self._score_batch, self.batch_size, lambda: {"variant": self.variant})
 
     def _score_batch(self, samples: list[Sample], plans: list[_Plan]) -> list[RewardOutput]:
         candidates = self.detector([sample.image for sample in samples])

@@ -179,25 +179,19 @@ def cmd_export_detector(args: argparse.Namespace) -> int:
     return 0
 
 
+# The train-reward options that are TrainConfig fields (argparse dests named as the fields).
+TRAIN_OPTIONS = (
+    "clip_model clip_processor hidden epochs batch_size learning_rate validation_fraction patience seed aux_weight "
+    "aux_negatives device"
+).split()
+
+
 def cmd_train_reward(args: argparse.Namespace) -> int:
     from rewardscope.models.feedback import TrainConfig, train_feedback_reward
     from rich.console import Console
     from rich.table import Table
 
-    config = TrainConfig(
-        clip_model=args.clip_model,
-        clip_processor=args.clip_processor,
-        hidden=args.hidden,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        validation_fraction=args.val_fraction,
-        patience=args.patience,
-        seed=args.seed,
-        aux_weight=args.aux_weight,
-        aux_negatives=args.aux_negatives,
-        device=args.device,
-    )
+    config = TrainConfig(**{name: getattr(args, name) for name in TRAIN_OPTIONS})
     report = train_feedback_reward(args.labels, args.output, config, show_progress=not args.quiet)
     table = Table(title=f"feedback reward: {report.examples} pairs, best epoch {report.best_epoch}/{report.epochs_run}")
     for column in ("split", "pairs", "loss", "accuracy", "AUC"):
@@ -337,8 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--hidden", type=int, default=256)
     train.add_argument("--epochs", type=int, default=200)
     train.add_argument("--batch-size", type=int, default=64)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--val-fraction", type=float, default=0.2, help="share of images held out (seeded)")
+    train.add_argument("--lr", dest="learning_rate", type=float, default=1e-3)
+    train.add_argument(
+        "--val-fraction", dest="validation_fraction", type=float, default=0.2, help="share of images held out (seeded)"
+    )
     train.add_argument("--patience", type=int, default=20, help="early stopping: epochs without a better val loss")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--aux-weight", type=float, default=0.0, help="prompt-classification loss weight (Lee et al.)")

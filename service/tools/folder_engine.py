@@ -1,14 +1,17 @@
-"""The local folder engine: backends (in-process Scorer, or a running service through the client), decoding ahead on
-worker threads, up to `lanes` batches scored side by side, rows written in order by the resumable writer."""
+"""The local folder engine: backends (in-process Scorer, or a running service through the client) driven by the
+service's own pipeline (rewardscope.service.batching.Batcher: decoding ahead on worker threads within a budget, up
+to `lanes` batches scored side by side, a batch beside another kept to one core), rows written in order by the
+resumable writer."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import gc
+import math
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,6 +19,7 @@ from typing import Any, Protocol
 from PIL import Image
 from rewardscope.models.images import ImageError, load_image
 
+from ..batching import Batcher
 from .folder_layouts import FolderItem
 from .folder_results import RESULTS_FILE, ResultsWriter
 
@@ -23,13 +27,12 @@ from .folder_results import RESULTS_FILE, ResultsWriter
 class Backend(Protocol):
     """Scores a batch: in-process (Scorer) or remote (rewardscope-client). Returns one row dict per item."""
 
+    # A context in which a batch that runs beside another keeps to one core; None: nothing to narrow (remote).
+    narrow: Callable[[], contextlib.AbstractContextManager[object]] | None
+
     def prefetch(self, item: FolderItem) -> Any: ...
 
-    def score(
-        self, images: list[Any], prompts: list[str], metadata: list[dict | None], narrow: bool = False
-    ) -> list[dict[str, Any]]:
-        """narrow: this batch runs beside another, so an in-process model should keep to one core."""
-        ...
+    def score(self, images: list[Any], prompts: list[str], metadata: list[dict | None]) -> list[dict[str, Any]]: ...
 
 
 def decode_or_path(item: FolderItem) -> Any:
@@ -43,11 +46,11 @@ def decode_or_path(item: FolderItem) -> Any:
 
 class ScorerBackend:
     def __init__(self, scorer: Any) -> None:
-        self.scorer = scorer
-        self.prepare = scorer.letterbox_hooks()  # the letterbox resize, run on the decode workers
         from rewardscope.models.detection.detector import single_threaded
 
-        self.single_threaded = single_threaded
+        self.scorer = scorer
+        self.prepare = scorer.letterbox_hooks()  # the letterbox resize, run on the decode workers
+        self.narrow = single_threaded
 
     def prefetch(self, item: FolderItem) -> Any:
         image = decode_or_path(item)
@@ -56,13 +59,14 @@ class ScorerBackend:
                 prepare(image)
         return image
 
-    def score(self, images, prompts, metadata, narrow=False):
-        with self.single_threaded() if narrow else contextlib.nullcontext():
-            return [result.to_dict() for result in self.scorer.score(images, prompts, metadata)]
+    def score(self, images, prompts, metadata):
+        return [result.to_dict() for result in self.scorer.score(images, prompts, metadata)]
 
 
 class ClientBackend:
     """Through a running service: the same rows, scored remotely (images travel as their files)."""
+
+    narrow = None
 
     def __init__(self, client: Any, rewards: dict[str, float]) -> None:
         self.client, self.rewards = client, rewards
@@ -70,7 +74,7 @@ class ClientBackend:
     def prefetch(self, item: FolderItem) -> Any:
         return item.path  # the client sends the file's bytes unchanged; the service decodes
 
-    def score(self, images, prompts, metadata, narrow=False):
+    def score(self, images, prompts, metadata):
         batch = self.client.score(images, prompts, metadata=metadata, rewards=self.rewards)
         return [
             {key: item.get(key) for key in ("rewards", "total", "details", "error", "error_code")}
@@ -115,14 +119,14 @@ def score_items(
     on_batch: Callable[[int], None] | None = None,
     lanes: int = 2,
 ) -> RunStats:
-    """Score what out_dir does not hold yet, batch by batch; decoding runs ahead on worker threads so the
-    model never waits on disk, and up to `lanes` batches score side by side (each then on one core: see
-    models.single_threaded), written in order. Ctrl-C stops after writing the batches already scoring."""
+    """Score what out_dir does not hold yet, batch by batch, through the service's Batcher: up to
+    `prefetch_batches` batches decode ahead on worker threads so the model never waits on disk, up to `lanes`
+    batches score side by side (each then on one core: see models.single_threaded), rows written in input order.
+    Ctrl-C stops after writing the batches already scored."""
     writer = ResultsWriter(out_dir / RESULTS_FILE)
     todo = [item for item in items if item.key not in writer.done]
     stats = RunStats(skipped=len(items) - len(todo))
     batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
-    lanes = max(1, lanes)
     started = time.perf_counter()
     # The models and libraries loaded so far live for the whole run: frozen out of the garbage collector, full
     # collections (the GIL held throughout) stop rescanning them, as in the service (benchmarks/RESULTS.md).
@@ -131,40 +135,59 @@ def score_items(
     def write(batch: list[FolderItem], results: list[dict[str, Any]]) -> None:
         _write_rows(writer, stats, batch, results, on_batch)
 
-    with (
-        ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode") as pool,
-        ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="score") as scoring,
-    ):
-        pending = [[pool.submit(backend.prefetch, i) for i in b] for b in batches[: prefetch_batches + lanes - 1]]
-        in_flight: collections.deque[tuple[list[FolderItem], Future[list[dict[str, Any]]]]] = collections.deque()
-        try:
-            for index, batch in enumerate(batches):
-                if len(pending) < len(batches):  # keep the same number of batches decoding ahead
-                    pending.append([pool.submit(backend.prefetch, i) for i in batches[len(pending)]])
-                images = [future.result() for future in pending[index]]
-                pending[index] = []
-                # Side by side only when another batch runs or follows: a lone batch keeps every core.
-                narrow = lanes > 1 and (bool(in_flight) or index + 1 < len(batches))
-                prompts, metadata = [i.prompt for i in batch], [i.metadata for i in batch]
-                in_flight.append((batch, scoring.submit(backend.score, images, prompts, metadata, narrow)))
-                while len(in_flight) >= lanes:
-                    done, future = in_flight.popleft()
-                    write(done, future.result())
-            while in_flight:
-                done, future = in_flight.popleft()
-                write(done, future.result())
-        except KeyboardInterrupt:
-            stats.interrupted = True
-            for futures in pending:
-                for future in futures:
-                    future.cancel()
-            for done, future in in_flight:  # already scoring: keep their rows
-                try:
-                    write(done, future.result())
-                except Exception:  # noqa: BLE001 - stopping; what cannot be written is rescored on resume
-                    break
-        finally:
-            writer.close()
-            gc.unfreeze()
+    try:
+        asyncio.run(_score_batches(batches, backend, batch_size, max(0, prefetch_batches), max(1, lanes), write))
+    except KeyboardInterrupt:
+        stats.interrupted = True
+    finally:
+        writer.close()
+        gc.unfreeze()
     stats.seconds = time.perf_counter() - started
     return stats
+
+
+async def _score_batches(
+    batches: list[list[FolderItem]],
+    backend: Backend,
+    batch_size: int,
+    prefetch_batches: int,
+    lanes: int,
+    write: Callable[[list[FolderItem], list[dict[str, Any]]], None],
+) -> None:
+    """Each batch is one request to a Batcher (no latency budget: a folder run waits rather than refuses); the
+    batches in flight stay within what decodes ahead and what the lanes run, answers written as they come in order."""
+    ahead = prefetch_batches + lanes
+    batcher: Batcher[FolderItem, tuple[FolderItem, Any], dict[str, Any]] = Batcher(
+        lambda pairs: backend.score(
+            [image for _, image in pairs], [i.prompt for i, _ in pairs], [i.metadata for i, _ in pairs]
+        ),
+        max_batch_size=batch_size,
+        max_latency_s=math.inf,
+        max_ahead_items=ahead * batch_size,
+        lanes=lanes,
+        narrow=backend.narrow,
+        name="folder",
+    )
+
+    def decode(batch: Sequence[FolderItem]) -> list[tuple[FolderItem, Any]]:
+        return [(item, backend.prefetch(item)) for item in batch]
+
+    window: collections.deque[tuple[list[FolderItem], asyncio.Task[list[dict[str, Any]]]]] = collections.deque()
+    try:
+        for batch in batches:
+            window.append((batch, asyncio.create_task(batcher.submit(batch, decode))))
+            while len(window) > ahead:
+                done, task = window.popleft()
+                write(done, await task)
+        while window:
+            done, task = window.popleft()
+            write(done, await task)
+    except asyncio.CancelledError:  # Ctrl-C: keep the rows of the batches already scored, in order
+        while window and window[0][1].done() and not window[0][1].cancelled() and window[0][1].exception() is None:
+            done, task = window.popleft()
+            write(done, task.result())
+        raise
+    finally:
+        for _, task in window:
+            task.cancel()
+        batcher.shutdown()
