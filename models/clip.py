@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from .hf import require_safetensors, resolve_model
+from .prompt import GENEVAL_COLORS
 from .types import Sample
 
 log = logging.getLogger(__name__)
@@ -166,10 +167,7 @@ def load_clip(
         return _BACKBONES[key]
 
 
-# GenEval's colour list and prompt templates (evaluation/evaluate_images.py); "gray" is not among them.
-GENEVAL_COLORS: tuple[str, ...] = (
-    "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white",
-)  # fmt: skip
+# GenEval's prompt templates (evaluation/evaluate_images.py lines 114-116); its colours: prompt.GENEVAL_COLORS.
 COLOR_TEMPLATES: tuple[str, ...] = (
     "a photo of a {color} {object}",
     "a photo of a {color}-colored {object}",

@@ -197,7 +197,8 @@ class ClipGradient:
         embeddings = self.embeddings(pixels)
 
         def cosines() -> torch.Tensor:
-            return (embeddings * self._texts(prompts).to(embeddings.device)).sum(-1).double()
+            texts = self._texts([self.reward.text_of(prompt) for prompt in prompts])
+            return (embeddings * texts.to(embeddings.device)).sum(-1).double()
 
         # The reward's own formula on its embeddings (shared with its score()): one definition of each value.
         values, details = self.reward.from_embeddings(embeddings, cosines)

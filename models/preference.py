@@ -89,8 +89,14 @@ class _ClipReward:
         self.batch_size = max(1, int(batch_size))
         self.version = self.backbone.version
 
+    prefix = ""  # put before each prompt (CLIPScore's code: "A photo depicts ")
+
     def value_range(self) -> list[float | None]:
         raise NotImplementedError
+
+    def text_of(self, prompt: str) -> str:
+        """The text embedded for a prompt."""
+        return self.prefix + prompt
 
     def params(self) -> dict[str, Any]:
         return {"batch_size": self.batch_size}
@@ -121,10 +127,10 @@ class _ClipReward:
     def _cosines(self, samples: list[Sample]) -> torch.Tensor:
         """[B] cosine of each image with its own prompt; each distinct prompt is embedded once."""
         images = self.backbone.sample_embeddings(samples, self.batch_size)
-        prompts = list(dict.fromkeys(sample.prompt for sample in samples))
+        prompts = list(dict.fromkeys(self.text_of(sample.prompt) for sample in samples))
         texts = self.backbone.text_embeddings(prompts)
         row_of = {prompt: row for row, prompt in enumerate(prompts)}
-        rows = torch.tensor([row_of[sample.prompt] for sample in samples], device=texts.device)
+        rows = torch.tensor([row_of[self.text_of(sample.prompt)] for sample in samples], device=texts.device)
         return (images * texts[rows]).sum(-1)
 
 
@@ -133,8 +139,9 @@ class _ClipReward:
         "clip",
         "CLIPScore (Hessel et al. 2021) with any transformers CLIP",
         (0.0, CLIPSCORE_WEIGHT),
-        "CLIPScore: w * max(cos(image, prompt), 0), w = 2.5; prompts truncated to the model's 77 tokens",
+        "CLIPScore: w * max(cos(image, prefix + prompt), 0), w = 2.5; prompts truncated to the model's 77 tokens",
         differentiable=True,
+        model_options=(("model", DEFAULT_CLIP),),
     )
 )
 class ClipScoreReward(_ClipReward):
@@ -142,9 +149,9 @@ class ClipScoreReward(_ClipReward):
 
     name = "clip"
 
-    def __init__(self, weight: float = CLIPSCORE_WEIGHT, **config: Any) -> None:
+    def __init__(self, weight: float = CLIPSCORE_WEIGHT, prefix: str = "", **config: Any) -> None:
         super().__init__(**config)
-        self.weight = float(weight)
+        self.weight, self.prefix = float(weight), str(prefix)
 
     def value_range(self) -> list[float | None]:
         return [0.0, self.weight]
@@ -154,7 +161,7 @@ class ClipScoreReward(_ClipReward):
         return self.weight * cos.clamp(min=0), [{"cosine": float(c)} for c in cos.detach()]
 
     def params(self) -> dict[str, Any]:
-        return {**super().params(), "weight": self.weight}
+        return {**super().params(), "weight": self.weight, "prefix": self.prefix}
 
     def score(self, samples: list[Sample]) -> list[RewardOutput]:
         cosines = self._cosines(samples).cpu().tolist()

@@ -49,6 +49,21 @@ MAX_CLASS_NAME_CHARS = 100
 
 # GenEval's evaluator knows only these four; "next to" has no geometric test there.
 GENEVAL_POSITIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
+# GenEval's colours, in its order (evaluation/evaluate_images.py line 76): ours without "gray".
+GENEVAL_COLORS: tuple[str, ...] = COLORS[:10]
+# GenEval's object_names.txt names three COCO classes its own way (lines 65-67 of djghosh13/geneval
+# evaluation/object_names.txt; the other 77 lines are COCO's names in COCO's order). Its metadata uses these names.
+GENEVAL_CLASS_NAMES: dict[str, str] = {
+    "mouse": "computer mouse",
+    "remote": "tv remote",
+    "keyboard": "computer keyboard",
+}
+_FROM_GENEVAL_NAME = {geneval: coco for coco, geneval in GENEVAL_CLASS_NAMES.items()}
+
+
+def geneval_name(class_name: str) -> str:
+    """The name GenEval gives a COCO class (the class name itself for the 77 it keeps)."""
+    return GENEVAL_CLASS_NAMES.get(class_name, class_name)
 
 
 @dataclass(frozen=True)
@@ -599,14 +614,15 @@ def _targets_first(objects: Sequence[ObjectSpec]) -> list[int]:
 
 
 def to_geneval_metadata(prompt: str | ParsedPrompt, vocabulary: Sequence[str] = COCO_CLASSES) -> dict:
-    """GenEval {"include": [...], "exclude": [...]} for a prompt; "exclude" only when there is one."""
+    """GenEval {"include": [...], "exclude": [...]} for a prompt, classes named as GenEval names them ("tv remote");
+    "exclude" only when there is one."""
     parsed = prompt if isinstance(prompt, ParsedPrompt) else parse_prompt(prompt, vocabulary)
     order = _targets_first(parsed.objects)
     new_index = {old: new for new, old in enumerate(order)}
     include: list[dict[str, Any]] = []
     for old in order:
         spec = parsed.objects[old]
-        entry: dict[str, Any] = {"class": spec.class_name, "count": spec.count}
+        entry: dict[str, Any] = {"class": geneval_name(spec.class_name), "count": spec.count}
         if spec.color is not None:
             entry["color"] = spec.color
         if spec.relation is not None and spec.relation.relation in GENEVAL_POSITIONS:
@@ -630,7 +646,7 @@ def to_geneval_metadata(prompt: str | ParsedPrompt, vocabulary: Sequence[str] = 
 
     metadata: dict[str, Any] = {"include": include}
     if excluded:
-        metadata["exclude"] = [{"class": name, "count": count} for name, count in excluded.items()]
+        metadata["exclude"] = [{"class": geneval_name(name), "count": count} for name, count in excluded.items()]
     return metadata
 
 
@@ -720,6 +736,8 @@ def from_geneval_metadata(metadata: Mapping, vocabulary: Sequence[str] = COCO_CL
     def resolve(name: str, where: str) -> str | None:
         if name in lexicon.class_names:
             return name
+        if _FROM_GENEVAL_NAME.get(name) in lexicon.class_names:  # GenEval's own spelling ("tv remote")
+            return _FROM_GENEVAL_NAME[name]
         key = tuple(word for word in _split_words(name) if word != ",")
         if not key:
             raise ValueError(f"{where}: 'class' {name!r} contains no word")

@@ -32,7 +32,8 @@ class RewardDeclaration:
     range: (low, high) of its values, None where unbounded. scale: what one unit means. profile_keys: the
     settings a profile supplies to it (models/profiles.py). uses_detector: it takes the `detector` option (a
     path, or None for the embedded detector). variant: the /match variant it is (matching family). argument:
-    what "name:argument" passes, for parameterised rewards (e.g. "feedback:/runs/head")."""
+    what "name:argument" passes, for parameterised rewards (e.g. "feedback:/runs/head"). model_options: (option,
+    default) pairs of the options that choose its weights."""
 
     name: str
     summary: str
@@ -44,6 +45,8 @@ class RewardDeclaration:
     uses_detector: bool = False
     variant: str | None = None
     argument: str | None = None
+    # Options that choose weights, with their defaults: a profile that names one of these is about that model only.
+    model_options: tuple[tuple[str, Any], ...] = ()
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -54,6 +57,7 @@ class RewardDeclaration:
             "differentiable": self.differentiable,
             "profile_keys": list(self.profile_keys),
             "uses_detector": self.uses_detector,
+            "model_options": dict(self.model_options),
         }
 
 

@@ -9,12 +9,37 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from .images import DEFAULT_LIMITS, ImageError, ImageLimits, load_image
-from .profiles import profile_config
+from .profiles import get_profile
 from .prompt import MAX_PROMPT_CHARS
 from .registry import Reward, create_reward, declaration
 from .types import RewardOutput, Sample, ScoreResult
 
 log = logging.getLogger(__name__)
+
+
+def _model_conflict(name: str, profile: Any, defaults: Mapping[str, Any], explicit: Mapping[str, Any]) -> str | None:
+    """Why `name` cannot follow this profile: the profile names a model (a declared model option) and the explicit
+    config chose another. None when there is no conflict."""
+    for option, _ in declaration(name).model_options:
+        if option in defaults and option in explicit and explicit[option] != defaults[option]:
+            return (
+                f"profile {profile.label} scores {name} with {option}={defaults[option]!r}, which is not loaded "
+                f"here ({option}={explicit[option]!r}): load that model to use this profile"
+            )
+    return None
+
+
+class UnavailableReward:
+    """A reward the profile asks for on a model that is not loaded: every item gets the error, never a number."""
+
+    def __init__(self, name: str, message: str) -> None:
+        self.name, self.message, self.version = name, message, "unavailable"
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "unavailable": self.message}
+
+    def score(self, samples: list[Sample]) -> list[RewardOutput]:
+        return [RewardOutput(None, {}, self.message, "profile_model_unavailable") for _ in samples]
 
 
 class Scorer:
@@ -39,13 +64,18 @@ class Scorer:
         if not self.weights:
             raise ValueError("a Scorer needs at least one reward")
         config = config or {}
-        # profile: its settings for the keys each reward declares, under the reward's explicit config
-        self.profile = profile
-        defaults = profile_config(profile, self.weights) if profile is not None else {}
-        self.rewards: dict[str, Reward] = {
-            name: create_reward(name, **{**defaults.get(name, {}), **dict(config.get(name, {}))})
-            for name in self.weights
-        }
+        # profile: its settings for each reward, under the reward's explicit config (models/profiles.py)
+        chosen = get_profile(profile) if profile is not None else None
+        self.profile = chosen.label if chosen is not None else None
+        self.rewards: dict[str, Reward] = {}
+        for name in self.weights:
+            explicit = dict(config.get(name, {}))
+            defaults = chosen.for_reward(name) if chosen is not None else {}
+            missing = _model_conflict(name, chosen, defaults, explicit)
+            if missing is not None:
+                self.rewards[name] = UnavailableReward(name, missing)
+            else:
+                self.rewards[name] = create_reward(name, **{**defaults, **explicit})
         self.image_limits = image_limits
         self.observer = observer
 

@@ -103,22 +103,22 @@ class RewardEngine:
         return weights
 
     def resolve_profile(self, profile: str | None) -> str:
-        profile = profile or self.settings.profile
+        """The label ("geneval@1") of the profile asked for (aliases resolved), or of the default one."""
         try:
-            get_profile(profile)
+            return get_profile(profile or self.settings.profile).label
         except ValueError as exc:
             raise RequestItemError("unknown_profile", str(exc)) from None
-        return profile
 
     def scorer(self, weights: dict[str, float], profile: str, variant: str | None = None) -> Scorer:
         """A Scorer for these weights. Cached per (reward names, profile, variant), not per weights: weights come
         from requests, and a cache keyed by them would grow with every distinct value a client sends. Other
         weights get a shallow copy that shares the cached Scorer's loaded rewards; only the total differs."""
+        profile = get_profile(profile).label  # "train" and "train@1" are one Scorer
         key: ScorerKey = (tuple(sorted(weights)), profile, variant)
         with self._lock:
             if key not in self._scorers:
                 started = time.perf_counter()
-                config = self.settings.reward_config(list(weights))
+                config = self.settings.reward_config(list(weights), pin_models=True)
                 if variant is not None:
                     config["matching"] = {**config.get("matching", {}), "variant": variant}
                 self._scorers[key] = Scorer(
@@ -334,7 +334,7 @@ class RewardEngine:
             "rewards": scorer.describe(),
             "default_rewards": list(self.default_weights),
             "profiles": describe_profiles(),
-            "default_profile": self.settings.profile,
+            "default_profile": get_profile(self.settings.profile).label,
             "limits": {
                 "max_items": self.settings.max_items,
                 "max_request_bytes": self.settings.max_request_bytes,

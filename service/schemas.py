@@ -51,7 +51,11 @@ class ScoreItem(ImageInput):
         default=None, description="GenEval-style {'include': [...], 'exclude': [...]} replaces prompt parsing"
     )
     rewards: RewardSpec | None = Field(default=None, description="names, or {name: weight}; default: the service's")
-    profile: str | None = Field(default=None, description="named threshold profile: 'train' or 'benchmark'")
+    profile: str | None = Field(
+        default=None,
+        description="named profile of rules (GET /rewards lists them; docs/profiles.md), e.g. 'train', 'geneval', "
+        "'t2i-compbench', 'seed-reference', 'clipscore'; 'name@version' pins the version",
+    )
 
     model_config = ConfigDict(
         extra="forbid",
@@ -88,7 +92,7 @@ class ItemResult(BaseModel):
     details: dict[str, Any]
     error: str | None = None
     error_code: str | None = Field(default=None, description="machine-readable code of the first error")
-    profile: str
+    profile: str = Field(description="the profile the item was scored under, with its version ('geneval@1')")
     versions: dict[str, str]
 
 
@@ -98,7 +102,7 @@ class MatchResult(BaseModel):
     details: dict[str, Any]
     error: str | None = None
     error_code: str | None = None
-    profile: str
+    profile: str = Field(description="the profile the item was scored under, with its version ('geneval@1')")
     versions: dict[str, str]
 
 

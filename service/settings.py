@@ -95,15 +95,23 @@ class ServiceSettings(BaseModel):
         home = os.environ.get("BENTOML_HOME") or str(Path.home() / "bentoml")
         return Path(home) / "rewardscope-jobs" / "jobs.sqlite3"
 
-    def reward_config(self, rewards: list[str]) -> dict[str, dict[str, Any]]:
+    def reward_config(self, rewards: list[str], pin_models: bool = False) -> dict[str, dict[str, Any]]:
         """Per-reward keyword config for a Scorer (its profile is passed beside it): REWARDSCOPE_CONFIG's entry, and
-        for rewards that declare a detector, REWARDSCOPE_DETECTOR and the batch size."""
+        for rewards that declare a detector, REWARDSCOPE_DETECTOR and the batch size.
+
+        pin_models (the service): each model option not configured is fixed to what the default profile loads, so
+        a request naming a profile that needs another model gets a per-item error instead of a model load."""
         config: dict[str, dict[str, Any]] = {}
         for name in rewards:
             # "feedback:/dir" takes its own entry, else the one for its base name ("feedback").
             config[name] = dict(self.config.get(name, self.config.get(name.partition(":")[0], {})))
-            if declaration(name).uses_detector:
+            declared = declaration(name)
+            if declared.uses_detector:
                 if self.detector is not None:
                     config[name].setdefault("detector", self.detector)
                 config[name].setdefault("batch_size", self.max_batch_size)
+            if pin_models:
+                loaded = get_profile(self.profile).for_reward(name)
+                for option, default in declared.model_options:
+                    config[name].setdefault(option, loaded.get(option, default))
         return config

@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from rewardscope.models.detection.detector import OnnxDetector
 from rewardscope.models.profiles import PROFILES
 from rewardscope.models.registry import RewardDeclaration, declaration, declarations, matching_variants
 from rewardscope.service.engine import RewardEngine
@@ -110,12 +111,15 @@ def test_http_cli_and_python_resolve_a_profile_to_the_same_settings():
             {"matching": 1.0, "geneval": 1.0}, profile
         )
         for name in ("matching", "geneval"):
-            expected = {key: PROFILES[profile].settings[key] for key in declaration(name).profile_keys}
+            expected = PROFILES[profile].for_reward(name)
+            assert set(expected) <= set(declaration(name).profile_keys)
+            if "iou_threshold" in expected and expected["iou_threshold"] is None:
+                expected["iou_threshold"] = OnnxDetector.nms_iou  # None: the detector's own NMS only
             for described in (python, from_cli, http.describe()):
                 params = described[name]["params"]
                 assert {key: params[key] for key in expected} == expected, (profile, name)
     assert (
-        Scorer(["matching"], profile="benchmark", config={"matching": {"conf_threshold": 0.5}}).describe()["matching"][
+        Scorer(["matching"], profile="geneval", config={"matching": {"conf_threshold": 0.5}}).describe()["matching"][
             "params"
         ]["conf_threshold"]
         == 0.5

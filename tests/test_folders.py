@@ -87,19 +87,123 @@ def test_geneval_folder_summary_equals_a_hand_count(tmp_path, assets, capsys):
     assert verdict["00002/samples/0001.png"] == 0.0
     summary = json.loads((out / "summary.json").read_text())["geneval"]
     by_tag: dict[str, list[float]] = {}
+    by_prompt: dict[str, list[float]] = {}
     for row in rows:
         by_tag.setdefault(row["tag"], []).append(row["rewards"]["geneval"])
+        by_prompt.setdefault(row["key"].split("/")[0], []).append(row["rewards"]["geneval"])
     assert summary["total_images"] == 10 and summary["total_prompts"] == 5
     assert summary["correct_images"] == pytest.approx(sum(verdict.values()) / 10)
+    # A prompt is correct when ANY of its images is (summary_scores.py S:29); before, we asked for all of them. The
+    # two copies of each prompt are the same photo here, so both rules give the same figure on this folder.
+    assert summary["correct_prompts"] == pytest.approx(sum(max(v) == 1.0 for v in by_prompt.values()) / 5)
+    assert list(summary["tasks"]) == ["single_object", "counting", "two_object"]  # first appearance, not sorted
     for tag, values in by_tag.items():
         assert summary["tasks"][tag]["accuracy"] == pytest.approx(sum(values) / len(values))
     assert summary["overall"] == pytest.approx(sum(sum(v) / len(v) for v in by_tag.values()) / len(by_tag))
+    assert summary["failed"] == 0 and summary["failures"] == {}
     printed = capsys.readouterr().out
     assert "Overall score (avg. over tasks)" in printed and "% correct images" in printed
+    assert "Profile: geneval@1" in printed and "Failed items" not in printed
     table = __import__("pyarrow.parquet", fromlist=["read_table"]).read_table(out / "results.parquet")
     assert table.num_rows == 10 and "reward_geneval" in table.column_names
     run = json.loads((out / "run.json").read_text())
     assert run["layout"] == "geneval" and run["versions"]["geneval"].startswith("yolov3-tiny-darknet@")
+    # A GenEval folder is scored under the geneval profile unless --profile says otherwise.
+    assert run["profile"] == summary["profile"] == "geneval@1"
+
+
+def test_an_explicit_profile_wins_and_failed_geneval_items_count_as_incorrect(tmp_path, assets, capsys):
+    root = make_geneval_folder(tmp_path / "geneval", assets, copies=1)
+    (root / "00000" / "samples" / "0001.png").write_bytes(b"")  # a second "image" of the bus prompt that is empty
+    out = tmp_path / "out"
+    assert main(["score", str(root), "--out", str(out), "--profile", "train", "--no-progress"]) == 0
+    rows = {row["key"]: row for row in folders.read_rows(out)}
+    assert rows["00000/samples/0001.png"]["rewards"]["geneval"] is None
+    assert rows["00000/samples/0001.png"]["error_code"] == "empty"
+    summary = json.loads((out / "summary.json").read_text())
+    geneval = summary["geneval"]
+    assert (
+        json.loads((out / "run.json").read_text())["profile"] == summary["profile"] == geneval["profile"] == "train@1"
+    )
+    # 6 rows, the empty one among them: totals count it, and it counts as an incorrect image of single_object.
+    assert geneval["total_images"] == 6 and geneval["total_prompts"] == 5
+    assert (geneval["failed"], geneval["failures"]) == (1, {"empty": 1})
+    single = [rows[key]["rewards"]["geneval"] or 0.0 for key in ("00000/samples/0000.png", "00000/samples/0001.png")]
+    single += [rows["00001/samples/0000.png"]["rewards"]["geneval"]]
+    assert geneval["tasks"]["single_object"] == {"correct": sum(single), "total": 3, "accuracy": sum(single) / 3}
+    printed = capsys.readouterr().out
+    assert "Profile: train@1" in printed and "Failed items (counted incorrect): 1 — empty: 1" in printed
+
+
+def geneval_row(group: str, tag: str, value: float | None, error_code: str | None = None, error: str | None = None):
+    """A results.jsonl row of a GenEval folder, as the folder engine writes it (only the keys summarise reads)."""
+    failed = value is None
+    return {
+        "key": f"{group}/samples/x.png",
+        "prompt": f"prompt {group}",
+        "group": group,
+        "tag": tag,
+        "rewards": {"geneval": value},
+        "error": (error or f"failed: {error_code}") if failed else None,
+        "error_code": error_code if failed else None,
+    }
+
+
+def test_geneval_summary_follows_summary_scores_by_hand():
+    """GenEval's summary rules (djghosh13/geneval evaluation/summary_scores.py, commit d927da8, cited S:NN), on
+    3 prompts x 2 images, every figure worked by hand."""
+    rows = [
+        geneval_row("A", "single_object", 1.0),
+        geneval_row("A", "single_object", 0.0),
+        geneval_row("B", "counting", 0.0),
+        geneval_row("B", "counting", 0.0),
+        geneval_row("C", "colors", 1.0),
+        geneval_row("C", "colors", None, error_code="colour_unavailable"),
+    ]
+    summary = folders.summarise(rows, geneval_reward="geneval", profile="geneval@1")["geneval"]
+    # Totals count every row, the failed one too: 6 images, 3 prompts (S:26-27).
+    assert (summary["total_images"], summary["total_prompts"]) == (6, 3)
+    # S:28, mean of `correct` over all images: A1 and C1 are correct, C2 failed = incorrect -> 2 / 6.
+    assert summary["correct_images"] == pytest.approx(2 / 6)
+    # S:29, groupby(prompt)['correct'].any().mean(): A (1 of 2) yes, B no, C (1 of 2, the other failed) yes -> 2 / 3.
+    # (The all-rule we had would give 0 / 3.)
+    assert summary["correct_prompts"] == pytest.approx(2 / 3)
+    # S:38-40, per tag in first-appearance order (groupby(sort=False)), task_df['correct'].mean() per image:
+    # single_object 1 / 2; counting 0 / 2; colors 1 / 2 (the failed image counts in the 2).
+    assert summary["tasks"] == {
+        "single_object": {"correct": 1, "total": 2, "accuracy": 0.5},
+        "counting": {"correct": 0, "total": 2, "accuracy": 0.0},
+        "colors": {"correct": 1, "total": 2, "accuracy": 0.5},
+    }
+    assert list(summary["tasks"]) == ["single_object", "counting", "colors"]
+    # S:43, np.mean over every tag present: (0.5 + 0.0 + 0.5) / 3 = 1 / 3.
+    assert summary["overall"] == pytest.approx(1 / 3)
+    assert (summary["failed"], summary["failures"], summary["profile"]) == (1, {"colour_unavailable": 1}, "geneval@1")
+
+
+def test_failed_geneval_items_are_reported_and_a_task_of_failures_stays():
+    rows = [
+        geneval_row("P", "position", None, error="could not decode the image"),  # no code: the message names it
+        geneval_row("P", "position", None, error_code="decode_failed"),
+        geneval_row("S", "single_object", 1.0),
+        geneval_row("S", "single_object", None, error_code="decode_failed"),
+    ]
+    summary = folders.summarise(rows, geneval_reward="geneval", profile="geneval@1")
+    geneval = summary["geneval"]
+    assert geneval["failed"] == 3
+    assert geneval["failures"] == {"decode_failed": 2, "could not decode the image": 1}  # most frequent first
+    # position's images all failed: it stays, at 0 / 2, and the overall averages both tasks: (0 + 1/2) / 2.
+    assert geneval["tasks"]["position"] == {"correct": 0, "total": 2, "accuracy": 0.0}
+    assert geneval["overall"] == pytest.approx(0.25)
+    assert (geneval["total_images"], geneval["correct_images"], geneval["correct_prompts"]) == (4, 0.25, 0.5)
+    assert summary["profile"] == geneval["profile"] == "geneval@1"
+    printed = folders.format_summary(summary)
+    lines = printed.splitlines()
+    assert lines[lines.index("=======") + 1] == "Profile: geneval@1"  # the top of GenEval's block
+    assert "Failed items (counted incorrect): 3 — decode_failed: 2, could not decode the image: 1" in lines
+    assert "position         = 0.00% (0 / 2)" in lines
+    clean = folders.format_summary(folders.summarise(rows[2:3], geneval_reward="geneval"))
+    assert "Failed items" not in clean and "Profile:" not in clean
 
 
 def test_t2i_compbench_numeracy_folder(tmp_path, assets):
@@ -108,14 +212,20 @@ def test_t2i_compbench_numeracy_folder(tmp_path, assets):
     for index in range(3):
         shutil.copy(assets / "bus.jpg", samples / f"four people and a bus_{index:06d}.png")
         shutil.copy(assets / "zidane.jpg", samples / f"two cats_{index:06d}.png")
+    shutil.copy(assets / "zidane.jpg", samples / f"two people and three candles_{0:06d}.png")
     out = tmp_path / "out"
     assert main(["score", str(tmp_path / "t2i"), "--out", str(out), "--rewards", "numeracy", "--no-progress"]) == 0
     rows = {row["key"]: row for row in folders.read_rows(out)}
-    assert len(rows) == 6
+    assert len(rows) == 7
     assert rows["samples/four people and a bus_000000.png"]["rewards"]["numeracy"] == 1.0
     assert rows["samples/two cats_000002.png"]["rewards"]["numeracy"] == 0.0
-    mean = json.loads((out / "summary.json").read_text())["mean"]["numeracy"]
-    assert mean == pytest.approx(sum(r["rewards"]["numeracy"] for r in rows.values()) / 6)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["profile"] == "t2i-compbench@1"  # the benchmark's folder: its own rules by default
+    assert summary["mean"]["numeracy"] == pytest.approx(sum(r["rewards"]["numeracy"] for r in rows.values()) / 7)
+    # Candles are no COCO class: that prompt is scored on its people alone, and the summary says so.
+    candles = rows["samples/two people and three candles_000000.png"]
+    assert candles["details"]["numeracy"]["unknown"] == ["candle"]
+    assert summary["scoreable"] == {"prompts": 3, "fully_scoreable": 2, "share": 2 / 3, "unseen_nouns": {"candle": 1}}
 
 
 def test_bad_files_are_reported_per_row_and_the_run_goes_on(tmp_path, assets):

@@ -343,7 +343,7 @@ def test_a_gradient_failure_fails_only_its_item(torch_detector, bus):
     from rewardscope.service.settings import ServiceSettings
 
     engine = GradientEngine(RewardEngine(ServiceSettings(golden_check=False)))
-    engine._rewards[("matching", "train")] = _BreaksOn(SoftMatchingGradient(torch_detector), "explode")
+    engine._rewards[("matching", "train@1")] = _BreaksOn(SoftMatchingGradient(torch_detector), "explode")
     array = npy_b64(pixels_of(bus, (96, 128))[0].numpy())
     items = [GradItem(array=array, prompt=prompt) for prompt in ("four people", "explode", "a bus")]
     first, broken, last = engine.grad(items)

@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from rewardscope.models.profiles import PROFILE_NAMES
 from serving import ROOT, running_server
 
 from rewardscope import Scorer
@@ -75,7 +76,7 @@ def test_scores_over_http_equal_the_in_process_scorer(http, scorer, bus, zidane,
         assert remote["rewards"]["matching"] == pytest.approx(mine.rewards["matching"], abs=1e-6)
         assert remote["details"]["matching"]["objects"] == mine.details["matching"]["objects"]
         assert remote["versions"]["matching"].startswith("yolov3-tiny-darknet@")
-        assert remote["profile"] == "train"
+        assert remote["profile"] == "train@1"
 
 
 def test_a_corrupt_image_fails_alone_in_a_batch_of_32(http, bus_path):
@@ -231,7 +232,10 @@ def test_rewards_describe_range_direction_scale_and_versions(http):
     matching = described["rewards"]["matching"]
     assert matching["range"] == [0.0, 1.0] and matching["direction"] == "higher is better"
     assert matching["scale"] and matching["version"].startswith("yolov3-tiny-darknet@")
-    assert set(described["profiles"]) == {"train", "benchmark"}
+    assert set(described["profiles"]) == set(PROFILE_NAMES)
+    assert described["profiles"]["benchmark"] == {"alias_of": "geneval"}
+    assert described["profiles"]["geneval"]["rewards"]["geneval"]["counting_conf_threshold"] == 0.9
+    assert described["default_profile"] == "train@1"
 
 
 def test_an_async_job_completes_with_the_same_scores_as_score(http, bus_path):
@@ -337,7 +341,7 @@ def test_multipart_upload_scores_like_json(http, bus_path, zidane):
         },
     ).json()
     assert [r["rewards"] for r in uploaded.json()] == [r["rewards"] for r in as_json]
-    assert uploaded.json()[0]["profile"] == "benchmark"
+    assert uploaded.json()[0]["profile"] == "geneval@1"  # "benchmark" is the retired name of geneval
 
 
 @pytest.mark.parametrize(

@@ -298,7 +298,8 @@ class _ClientBase:
         images: a list of PIL images / arrays / tensors / paths / bytes, or a batched array or tensor
         [B, 3, H, W] or [B, H, W, 3] (float in [0, 1] or uint8). prompts: N strings. metadata: N dicts or None
         (GenEval-style {"include": [...], "exclude": [...]}). rewards: names or {name: weight}; None: the
-        service's default set. profile: "train" or "benchmark"; None: the service's default.
+        service's default set. profile: a profile name ("train", "geneval", ...: GET /rewards lists them); None: the
+        service's default.
         """
         plan = self._score_plan("/score", images, prompts, metadata, **score_fields(options))
         return ScoreBatch.from_items((yield _Execute(plan)))

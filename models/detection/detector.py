@@ -143,7 +143,9 @@ class Detector(Protocol):
 
     __call__: RGB PIL images -> candidates [B, N, 4 + C] float (x0, y0, x1, y1 in image pixels, then per-class
     scores). prepare: letterbox one image ahead of the batch (a no-op where the detector does it itself).
-    torch_twin: the differentiable torch network with the same weights and classes, or None."""
+    torch_twin: the differentiable torch network with the same weights and classes, or None. Optionally
+    `nms_iou`: the IoU its own post-processing needs NMS at (YOLO 0.45; 1.0 for set-prediction detectors such as
+    DETR), used where a profile adds no NMS of its own (iou_threshold None); 0.45 when absent."""
 
     class_names: tuple[str, ...]
     version: str
@@ -163,6 +165,9 @@ class OnnxDetector:
     Class names, input size and version are read from the model's metadata (ultralytics keys
     `names`, `imgsz`, plus our `model_version`), never passed in by callers.
     """
+
+    # Raw YOLO anchors need NMS: the IoU its own post-processing suppresses at (Darknet's and our default, 0.45).
+    nms_iou = 0.45
 
     def __init__(self, path: str | Path, config: DetectorConfig | None = None) -> None:
         self.path = Path(path)

@@ -15,7 +15,15 @@ import numpy as np
 import torch
 from rewardscope.kernels import ops as kernel_ops
 
-from ..prompt import ObjectSpec, ParsedPrompt, from_geneval_metadata, parse_prompt, to_geneval_metadata
+from ..prompt import (
+    GENEVAL_COLORS,
+    ObjectSpec,
+    ParsedPrompt,
+    from_geneval_metadata,
+    geneval_name,
+    parse_prompt,
+    to_geneval_metadata,
+)
 from ..registry import RewardDeclaration, declaration, matching_variants, register_reward
 from ..types import RewardOutput, Sample, Unscorable, score_planned
 from .detector import EMBEDDED, Detector, DetectorConfig, OnnxDetector
@@ -23,14 +31,21 @@ from .detector import EMBEDDED, Detector, DetectorConfig, OnnxDetector
 MAX_LAYOUT_TARGETS = 64
 # GenEval: an offset counts as a relation only beyond this fraction of the two boxes' summed extent.
 GENEVAL_POSITION_THRESHOLD = 0.1
+# The IoU a detector's own post-processing suppresses at, when it does not say (YOLO family: Darknet's 0.45).
+DEFAULT_DETECTOR_NMS_IOU = 0.45
+DENOMINATORS = ("known_objects", "all_nouns")
 
 
 def f1_score(
-    category: torch.Tensor, quantity: torch.Tensor, mask: torch.Tensor
+    category: torch.Tensor, quantity: torch.Tensor, mask: torch.Tensor, unseen: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """C, Q = means over the masked slots of [B, K] confidences; score = 2CQ / (C + Q), 0 when both are 0."""
+    """C, Q = sums over the masked slots of [B, K] confidences, divided by the number of objects (plus `unseen` [B],
+    nouns that count in the denominator with 0, as the seed code's do); score = 2CQ / (C + Q), 0 when both are 0."""
     weights = mask.to(category.dtype)
-    objects = weights.sum(-1).clamp(min=1)
+    objects = weights.sum(-1)
+    if unseen is not None:
+        objects = objects + unseen.to(category.dtype)
+    objects = objects.clamp(min=1)
     category_mean = (category * weights).sum(-1) / objects
     quantity_mean = (quantity.to(category.dtype) * weights).sum(-1) / objects
     total = category_mean + quantity_mean
@@ -39,17 +54,21 @@ def f1_score(
 
 
 def seed_score(
-    counts: torch.Tensor, confidence_mean: torch.Tensor, requested: torch.Tensor, mask: torch.Tensor
+    counts: torch.Tensor,
+    confidence_mean: torch.Tensor,
+    requested: torch.Tensor,
+    mask: torch.Tensor,
+    unseen: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The seed matching score for [B, K] slots (mask marks real prompt objects).
 
     q_i = min(d_i, n_i) / max(d_i, n_i) (0 when d_i = 0); c_i = mean detection score (0 when none);
-    C, Q = means over objects; score = 2CQ / (C + Q), 0 when both are 0.
-    Returns score [B], C [B], Q [B], quantity confidence per slot [B, K].
+    C, Q = means over objects (unseen [B]: nouns the detector cannot see, counted with 0); score = 2CQ / (C + Q),
+    0 when both are 0. Returns score [B], C [B], Q [B], quantity confidence per slot [B, K].
     """
     detected, wanted = counts.to(confidence_mean.dtype), requested.to(confidence_mean.dtype)
     quantity = torch.minimum(detected, wanted) / torch.maximum(detected, wanted).clamp(min=1)
-    score, category_mean, quantity_mean = f1_score(confidence_mean, quantity, mask)
+    score, category_mean, quantity_mean = f1_score(confidence_mean, quantity, mask, unseen)
     return score, category_mean, quantity_mean, quantity * mask
 
 
@@ -93,35 +112,48 @@ def geneval_check(
     reasons: list[str] = []
     matched_groups: list[list[np.ndarray] | None] = []
     for index, spec in enumerate(parsed.objects):
+        name = geneval_name(spec.class_name)  # reasons name classes as GenEval does ("tv remote")
         found = detections.get(spec.class_name, [])[: spec.count]
         matched = len(found) >= spec.count
         if not matched:
-            reasons.append(f"expected {spec.class_name}>={spec.count}, found {len(found)}")
+            reasons.append(f"expected {name}>={spec.count}, found {len(found)}")
         elif spec.color is not None:
             if colors is None or index not in colors:
                 raise ValueError(f"object {index} ({spec.color} {spec.class_name}) needs classified colours")
             predicted = colors[index]
             if predicted.count(spec.color) < spec.count:
                 matched = False
+                # GenEval's wording (evaluate_images.py lines 186-190): the asked colour's count, then all found.
+                found_colors = ", ".join(f"{predicted.count(c)} {c}" for c in GENEVAL_COLORS if c in predicted)
                 reasons.append(
-                    f"expected {spec.color} {spec.class_name}>={spec.count}, found "
-                    + ", ".join(f"{predicted.count(c)} {c}" for c in dict.fromkeys(predicted))
+                    f"expected {spec.color} {name}>={spec.count}, found {predicted.count(spec.color)} {spec.color}; "
+                    f"and {found_colors}"
                 )
         if matched and spec.relation is not None and spec.relation.relation != "next to":
             targets = matched_groups[spec.relation.target] if spec.relation.target < len(matched_groups) else None
             if targets is None:
                 matched = False
-                reasons.append(f"no target for {spec.class_name} to be {spec.relation.relation}")
+                reasons.append(f"no target for {name} to be {spec.relation.relation}")
             else:
-                for box in found:
-                    if any(spec.relation.relation not in relative_position(box, target) for target in targets):
-                        matched = False
-                        reasons.append(f"expected {spec.class_name} {spec.relation.relation} target")
-                        break
+                failed = next(
+                    (
+                        relations
+                        for box in found
+                        for target in targets
+                        if spec.relation.relation not in (relations := relative_position(box, target))
+                    ),
+                    None,
+                )
+                if failed is not None:  # GenEval's wording (lines 203-206), the relations that do hold named
+                    matched = False
+                    reasons.append(
+                        f"expected {name} {spec.relation.relation} target, found {' and '.join(sorted(failed))} target"
+                    )
         matched_groups.append(found if matched else None)
     for spec in parsed.exclude:
         if len(detections.get(spec.class_name, [])) >= spec.count:
-            reasons.append(f"expected {spec.class_name}<{spec.count}, found {len(detections[spec.class_name])}")
+            found_all = len(detections[spec.class_name])
+            reasons.append(f"expected {geneval_name(spec.class_name)}<{spec.count}, found {found_all}")
     return not reasons, reasons
 
 
@@ -159,6 +191,7 @@ class _Plan:
     class_ids: list[int]
     requested: list[int]
     targets: list[tuple[int, list[float]]] | None = None  # layout variant: (class index, box x0 y0 x1 y1)
+    conf: float = 0.0  # the detection confidence this item is judged at (GenEval: 0.9 for counting prompts)
 
 
 class MatchingReward:
@@ -171,8 +204,13 @@ class MatchingReward:
         variant: str = "seed",
         detector: str | None = None,
         conf_threshold: float = 0.25,
-        iou_threshold: float = 0.45,
+        iou_threshold: float | None = 0.45,
         max_detections: int = 100,
+        counting_conf_threshold: float | None = None,
+        max_per_class: int | None = None,
+        multi_label: bool = False,
+        containment_threshold: float = 1.0,
+        denominator: str = "known_objects",
         batch_size: int = 8,
         providers: tuple[str, ...] | None = None,
         intra_op_threads: int = 0,
@@ -187,11 +225,20 @@ class MatchingReward:
         variants = matching_variants()
         if variant not in variants:
             raise ValueError(f"unknown matching variant {variant!r}; choose from {', '.join(variants)}")
-        if not 0 <= conf_threshold < 1 or not 0 < iou_threshold <= 1:
-            raise ValueError("conf_threshold must be in [0, 1) and iou_threshold in (0, 1]")
+        if not 0 <= conf_threshold < 1 or (iou_threshold is not None and not 0 < iou_threshold <= 1):
+            raise ValueError("conf_threshold must be in [0, 1) and iou_threshold in (0, 1] (or None)")
+        if counting_conf_threshold is not None and not 0 <= counting_conf_threshold < 1:
+            raise ValueError("counting_conf_threshold must be in [0, 1)")
+        if not 0 < containment_threshold <= 1 or (max_per_class is not None and max_per_class < 1):
+            raise ValueError("containment_threshold must be in (0, 1] and max_per_class at least 1")
+        if denominator not in DENOMINATORS:
+            raise ValueError(f"denominator must be one of {', '.join(DENOMINATORS)}, got {denominator!r}")
         self.variant = variant
         self.kernels_backend, self.layout_iou = kernels_backend, layout_iou
-        self.conf_threshold, self.iou_threshold = conf_threshold, iou_threshold
+        self.conf_threshold = conf_threshold
+        self.counting_conf_threshold = counting_conf_threshold
+        self.max_per_class, self.multi_label = max_per_class, bool(multi_label)
+        self.containment_threshold, self.denominator = containment_threshold, denominator
         self.max_detections, self.batch_size = max_detections, max(1, batch_size)
         config = DetectorConfig(
             providers=tuple(providers) if providers else None,
@@ -200,6 +247,11 @@ class MatchingReward:
             batch_size=batch_size,
         )
         self.detector = load_detector(detector, config, quantized)
+        # None: only the suppression the detector's own post-processing needs (YOLO: 0.45; set-prediction
+        # detectors such as DETR or YOLOS: none, 1.0), as evaluators that add no NMS of their own see it.
+        self.iou_threshold = (
+            iou_threshold if iou_threshold is not None else getattr(self.detector, "nms_iou", DEFAULT_DETECTOR_NMS_IOU)
+        )
         self.vocabulary = self.detector.class_names
         self.class_index = {name: index for index, name in enumerate(self.vocabulary)}
         self.version = self.detector.version
@@ -222,6 +274,11 @@ class MatchingReward:
                 "conf_threshold": self.conf_threshold,
                 "iou_threshold": self.iou_threshold,
                 "max_detections": self.max_detections,
+                "counting_conf_threshold": self.counting_conf_threshold,
+                "max_per_class": self.max_per_class,
+                "multi_label": self.multi_label,
+                "containment_threshold": self.containment_threshold,
+                "denominator": self.denominator,
             },
             # The ONNX detector runs in fp32 (int8 Conv when quantized); post-processing follows its output dtype.
             "precision": "int8" if self.detector.version.endswith("+int8") else "fp32",
@@ -263,7 +320,8 @@ class MatchingReward:
         for class_id, _ in targets:
             counts[class_id] = counts.get(class_id, 0) + 1
         objects = tuple(ObjectSpec(self.vocabulary[c], n) for c, n in counts.items())
-        return _Plan(ParsedPrompt(sample.prompt, objects, ()), list(counts), list(counts.values()), targets)
+        parsed = ParsedPrompt(sample.prompt, objects, ())
+        return _Plan(parsed, list(counts), list(counts.values()), targets, self.conf_threshold)
 
     def _plan(self, sample: Sample) -> _Plan:
         if self.variant == "layout":
@@ -271,6 +329,13 @@ class MatchingReward:
         metadata = sample.metadata or {}
         if "include" in metadata:
             parsed = from_geneval_metadata(metadata, self.vocabulary)
+            if self.variant == "geneval" and parsed.unknown:
+                # GenEval judges every include: one the detector cannot see makes the verdict unknowable.
+                raise Unscorable(
+                    "unknown_class",
+                    f"GenEval class(es) {', '.join(parsed.unknown)} are not in the detector's vocabulary: "
+                    "the image cannot be judged",
+                )
         else:
             parsed = parse_prompt(sample.prompt, self.vocabulary)
             if self.variant == "geneval":
@@ -291,13 +356,29 @@ class MatchingReward:
                 f"the prompt asks for {', '.join(sorted(set(colors)))}",
             )
         slots = list(parsed.objects) + (list(parsed.exclude) if self.variant == "geneval" else [])
-        return _Plan(parsed, [self.class_index[s.class_name] for s in slots], [s.count for s in slots])
+        ids, wanted = [self.class_index[s.class_name] for s in slots], [s.count for s in slots]
+        counting = metadata.get("tag") == "counting" and self.counting_conf_threshold is not None
+        return _Plan(parsed, ids, wanted, conf=self.counting_conf_threshold if counting else self.conf_threshold)
 
     def score(self, samples: list[Sample]) -> list[RewardOutput]:
         return score_planned(samples, self._plan, self._score_batch, self.batch_size, lambda: {"variant": self.variant})
 
     def _score_batch(self, samples: list[Sample], plans: list[_Plan]) -> list[RewardOutput]:
+        """One detector pass for the chunk; then one box_match per confidence threshold the items are judged at."""
         candidates = self.detector([sample.image for sample in samples])
+        outputs: list[RewardOutput | None] = [None] * len(plans)
+        for conf in dict.fromkeys(plan.conf for plan in plans):
+            rows = [row for row, plan in enumerate(plans) if plan.conf == conf]
+            group = self._score_group([samples[r] for r in rows], [plans[r] for r in rows], candidates[rows], conf)
+            for row, output in zip(rows, group, strict=True):
+                outputs[row] = output
+        return outputs  # type: ignore[return-value]  # every row belongs to one group
+
+    def _score_group(
+        self, samples: list[Sample], plans: list[_Plan], candidates: torch.Tensor, conf: float
+    ) -> list[RewardOutput]:
+        if self.multi_label:
+            candidates = multi_label_candidates(candidates, conf)
         width = max(len(plan.class_ids) for plan in plans)
         class_ids = torch.full((len(plans), width), -1, dtype=torch.int64)
         requested = torch.zeros((len(plans), width), dtype=torch.int64)
@@ -308,35 +389,42 @@ class MatchingReward:
             candidates,
             class_ids,
             requested,
-            self.conf_threshold,
+            conf,
             self.iou_threshold,
             self.max_detections,
+            containment_threshold=self.containment_threshold,
             backend=self.kernels_backend,
         )
         object_mask = torch.zeros_like(class_ids, dtype=torch.bool)
         for row, plan in enumerate(plans):
             object_mask[row, : len(plan.parsed.objects)] = True
+        unseen = None
+        if self.denominator == "all_nouns":  # the seed code's denominators: every distinct noun of the prompt
+            unseen = torch.tensor([len(set(plan.parsed.unknown)) for plan in plans])
         if self.variant == "soft":
             quantity = match.p_exact * object_mask
-            values, category, quantity_mean = f1_score(match.confidence_mean, quantity, object_mask)
+            values, category, quantity_mean = f1_score(match.confidence_mean, quantity, object_mask, unseen)
         else:
             values, category, quantity_mean, quantity = seed_score(
-                match.counts, match.confidence_mean, requested, object_mask
+                match.counts, match.confidence_mean, requested, object_mask, unseen
             )
         if self.variant == "numeracy":
             values = numeracy_score(match.counts, requested, object_mask)
         layout = self._layout(match, plans) if self.variant == "layout" else None
         all_details = [
-            self._details(row, plan, match, category, quantity_mean, quantity) for row, plan in enumerate(plans)
+            self._details(row, plan, match, category, quantity_mean, quantity, conf) for row, plan in enumerate(plans)
         ]
         colors = self._colors(samples, plans, all_details) if self.variant == "geneval" else {}
         outputs = []
         for row, plan in enumerate(plans):
             details = all_details[row]
             if self.variant == "geneval":
-                passed, details["reasons"] = geneval_check(plan.parsed, _boxes_by_class(details), colors.get(row))
+                by_class = _boxes_by_class(details, self.max_per_class)
+                passed, details["reasons"] = geneval_check(plan.parsed, by_class, colors.get(row))
                 for index, predicted in colors.get(row, {}).items():
                     details["objects"][index]["predicted_colors"] = predicted
+                if any(spec.color for spec in plan.parsed.objects):
+                    details["colour_region"] = "box crop (the detector gives no masks)"
                 value = float(passed)
             elif layout is not None:
                 targets = [
@@ -369,11 +457,14 @@ class MatchingReward:
 
         crops, owners = [], []
         for row, (sample, plan) in enumerate(zip(samples, plans, strict=True)):
-            by_class = _boxes_by_class(details[row])
+            by_class = _boxes_by_class(details[row], self.max_per_class)
             for index, spec in enumerate(plan.parsed.objects):
                 found = by_class.get(spec.class_name, [])[: spec.count]
                 if spec.color and len(found) >= spec.count:
-                    crops += [(crop_box(sample.image, box.tolist()), spec.class_name) for box in found]
+                    # GenEval names the class its own way in the colour prompts ("tv remote"); box crops, since this
+                    # detector gives no masks (GenEval pastes the mask on grey #999 first: docs/profiles.md).
+                    name = geneval_name(spec.class_name)
+                    crops += [(crop_box(sample.image, box.tolist()), name) for box in found]
                     owners += [(row, index)] * len(found)
         colors: dict[int, dict[int, list[str]]] = {}
         for (row, index), color in zip(owners, self.color_classifier(crops, self.batch_size), strict=True):
@@ -398,7 +489,7 @@ class MatchingReward:
             backend=self.kernels_backend,
         )
 
-    def _details(self, row, plan, match, category, quantity_mean, quantity) -> dict[str, Any]:
+    def _details(self, row, plan, match, category, quantity_mean, quantity, conf) -> dict[str, Any]:
         kept = int(match.num_kept[row])
         boxes = match.keep_boxes[row, :kept].tolist()
         scores = match.keep_scores[row, :kept].tolist()
@@ -427,22 +518,57 @@ class MatchingReward:
                 {"class": name, "score": round(score, 4), "box": [round(v, 1) for v in box]}
                 for name, score, box in zip(classes, scores, boxes, strict=True)
             ],
-            "thresholds": {"confidence": self.conf_threshold, "iou": self.iou_threshold},
+            "thresholds": {
+                "confidence": conf,
+                "iou": self.iou_threshold,
+                "containment": self.containment_threshold,
+                "multi_label": self.multi_label,
+            },
+            **({"unseen_in_denominator": len(set(plan.parsed.unknown))} if self.denominator == "all_nouns" else {}),
             "detector": {"model": self.detector.describe()["model"], "version": self.version},
         }
 
 
-def _boxes_by_class(details: dict[str, Any]) -> dict[str, list[np.ndarray]]:
-    """Kept detections of one image grouped by class, highest score first (their order in details)."""
+def _boxes_by_class(details: dict[str, Any], max_per_class: int | None = None) -> dict[str, list[np.ndarray]]:
+    """Kept detections of one image grouped by class, highest score first (their order in details), at most
+    max_per_class of each (GenEval keeps 16)."""
     by_class: dict[str, list[np.ndarray]] = {}
     for detection in details["detections"]:
-        by_class.setdefault(detection["class"], []).append(np.asarray(detection["box"]))
+        boxes = by_class.setdefault(detection["class"], [])
+        if max_per_class is None or len(boxes) < max_per_class:
+            boxes.append(np.asarray(detection["box"]))
     return by_class
+
+
+def multi_label_candidates(candidates: torch.Tensor, conf: float) -> torch.Tensor:
+    """[B, N, 4 + C] -> [B, M, 4 + C]: one row per (box, class) whose score passes `conf`, carrying that class's
+    score alone, so one box counts for every class it passes (GenEval's per-class lists, T2I-CompBench's per-class
+    detectron2 filter) instead of only for its best class."""
+    boxes, scores = candidates[..., :4], candidates[..., 4:]
+    passing = scores > conf
+    width = int(passing.flatten(1).sum(-1).max()) if candidates.shape[0] else 0
+    expanded = candidates.new_zeros(candidates.shape[0], width, candidates.shape[-1])
+    for image in range(candidates.shape[0]):
+        rows, classes = passing[image].nonzero(as_tuple=True)
+        expanded[image, : len(rows), :4] = boxes[image, rows]
+        expanded[image, torch.arange(len(rows)), 4 + classes] = scores[image, rows, classes]
+    return expanded
 
 
 # The matching family: one builder (MatchingReward), one registration per variant. These declarations are the one
 # list of variants: the /match schema, the CLI and the engine read it through registry.matching_variants().
-_DETECTION = {"profile_keys": ("conf_threshold", "iou_threshold"), "uses_detector": True}
+_DETECTION = {
+    "profile_keys": (
+        "conf_threshold",
+        "iou_threshold",
+        "counting_conf_threshold",
+        "max_per_class",
+        "multi_label",
+        "containment_threshold",
+        "denominator",
+    ),
+    "uses_detector": True,
+}
 MATCHING_DECLARATIONS = (
     RewardDeclaration(
         "matching",

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rewardscope.models.profiles import DEFAULT_PROFILE, PROFILES
+from rewardscope.models.profiles import DEFAULT_PROFILE, PROFILE_NAMES, get_profile
 from rewardscope.models.registry import matching_variants
 
 
@@ -64,7 +64,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         print("give one --prompt for all images or one per image", file=sys.stderr)
         return 2
     weights = dict(_parse_weight(item) for item in args.rewards or ["matching"])
-    scorer = build_scorer(weights, args.variant, args.profile)
+    scorer = build_scorer(weights, args.variant, args.profile or DEFAULT_PROFILE)
     for start in range(0, len(args.paths), args.batch_size):
         images = args.paths[start : start + args.batch_size]
         batch_prompts = prompts[start : start + args.batch_size]
@@ -90,6 +90,9 @@ def _reward_config(weights: dict[str, float], variant: str | None) -> dict[str, 
     return config
 
 
+LAYOUT_PROFILES = {"geneval": "geneval", "t2i-compbench": "t2i-compbench"}
+
+
 def cmd_score_folder(args: argparse.Namespace) -> int:
     """Score a folder into --out (JSONL + Parquet + run.json), resumably; print the summary."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -99,6 +102,8 @@ def cmd_score_folder(args: argparse.Namespace) -> int:
     root = Path(args.paths[0])
     layout, items = folders.folder_items(root, args.layout, Path(args.prompts) if args.prompts else None)
     default = ["geneval"] if layout == "geneval" else ["matching"]
+    # A benchmark's folder is scored under that benchmark's own rules unless --profile says otherwise.
+    profile = get_profile(args.profile or LAYOUT_PROFILES.get(layout, DEFAULT_PROFILE))
     weights = dict(_parse_weight(item) for item in args.rewards or default)
     out_dir = Path(args.out) if args.out else root.with_name(root.name + ".rewardscope")
     if args.server and args.engine == "ray":
@@ -109,9 +114,9 @@ def cmd_score_folder(args: argparse.Namespace) -> int:
         from rewardscope_client import RewardClient
 
         client = RewardClient(args.server, token=os.environ.get("REWARDSCOPE_TOKEN"), chunk_size=args.batch_size)
-        backend = folders.ClientBackend(client, weights)
+        backend = folders.ClientBackend(client, weights, profile.name)
     elif args.engine == "local":
-        backend = folders.ScorerBackend(build_scorer(weights, args.variant, args.profile))
+        backend = folders.ScorerBackend(build_scorer(weights, args.variant, profile.name))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"))
     with Progress(*columns, TimeRemainingColumn(), disable=args.no_progress) as progress:
         task = progress.add_task(f"scoring {root.name} ({layout})", total=len(items), rate="")
@@ -135,7 +140,7 @@ def cmd_score_folder(args: argparse.Namespace) -> int:
                 args.ray_gpus,
                 args.ray_address,
                 on_batch=advance,
-                profile=args.profile,
+                profile=profile.name,
             )
         else:
             assert backend is not None
@@ -143,10 +148,17 @@ def cmd_score_folder(args: argparse.Namespace) -> int:
         progress.update(task, completed=stats.skipped + stats.scored)
     rows = folders.read_rows(out_dir)
     versions = folders.versions_of(rows)
-    config = {"root": str(root), "layout": layout, "rewards": weights, "variant": args.variant, "server": args.server}
+    config = {
+        "root": str(root),
+        "layout": layout,
+        "rewards": weights,
+        "profile": profile.label,
+        "variant": args.variant,
+        "server": args.server,
+    }
     folders.write_run_config(out_dir, config, versions)
     folders.write_parquet(out_dir, rows)
-    summary = folders.summarise(rows, geneval_reward="geneval" if "geneval" in weights else None)
+    summary = folders.summarise(rows, "geneval" if "geneval" in weights else None, profile.label)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(folders.format_summary(summary))
     if args.report:
@@ -295,7 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--rewards", nargs="+", help="names, optionally name=weight (default: matching; geneval)")
     score.add_argument("--variant", choices=tuple(matching_variants()), help="matching variant (/match's)")
     score.add_argument(
-        "--profile", default=DEFAULT_PROFILE, choices=tuple(PROFILES), help="thresholds and rules (as HTTP's profile)"
+        "--profile",
+        default=None,
+        choices=PROFILE_NAMES,
+        help=f"rules, as HTTP's profile (default: the benchmark's own for GenEval and T2I-CompBench folders, else "
+        f"{DEFAULT_PROFILE}; docs/profiles.md)",
     )
     score.add_argument("--batch-size", type=int, default=8)
     score.add_argument(

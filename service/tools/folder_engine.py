@@ -68,14 +68,14 @@ class ClientBackend:
 
     narrow = None
 
-    def __init__(self, client: Any, rewards: dict[str, float]) -> None:
-        self.client, self.rewards = client, rewards
+    def __init__(self, client: Any, rewards: dict[str, float], profile: str | None = None) -> None:
+        self.client, self.rewards, self.profile = client, rewards, profile  # profile None: the service's default
 
     def prefetch(self, item: FolderItem) -> Any:
         return item.path  # the client sends the file's bytes unchanged; the service decodes
 
     def score(self, images, prompts, metadata):
-        batch = self.client.score(images, prompts, metadata=metadata, rewards=self.rewards)
+        batch = self.client.score(images, prompts, metadata=metadata, rewards=self.rewards, profile=self.profile)
         return [
             {key: item.get(key) for key in ("rewards", "total", "details", "error", "error_code")}
             for item in batch.items
