@@ -259,3 +259,55 @@ def test_the_clip_prefix_is_put_before_the_prompt(tiny_clip_dir):
 
 def test_onnx_detector_declares_the_nms_its_raw_anchors_need():
     assert OnnxDetector.nms_iou == 0.45
+
+
+# -- GenEval, case by case against its rule written out ----------------------------------------------------------
+
+CLASSES = ("person", "dog", "cat", "bus", "tv remote", "computer keyboard")
+
+
+def random_geneval_case(rng) -> tuple[dict, list]:
+    """A GenEval-style prompt (the four tags whose checks need no colour model, shaped as prompts/create_prompts.py
+    makes them) and detections around it: its classes and a distractor, scores on a grid of distinct values that
+    straddle 0.3 and 0.9 without touching them, integer boxes (exact in float32)."""
+    a, b = rng.sample(CLASSES, 2)
+    tag = rng.choice(["single_object", "two_object", "counting", "position"])
+    if tag == "single_object":
+        metadata = {"include": [{"class": a, "count": 1}]}
+    elif tag == "two_object":
+        metadata = {"include": [{"class": a, "count": 1}, {"class": b, "count": 1}]}
+    elif tag == "counting":
+        n = rng.randint(2, 4)
+        metadata = {"include": [{"class": a, "count": n}], "exclude": [{"class": a, "count": n + 1}]}
+    else:
+        relation = rng.choice(["left of", "right of", "above", "below"])
+        metadata = {"include": [{"class": b, "count": 1}, {"class": a, "count": 1, "position": [relation, 0]}]}
+    metadata["tag"] = tag
+    # Distinct scores, half of the pool above 0.9 so that counting prompts can pass too.
+    scores = rng.sample([k / 100 + 0.005 for k in range(1, 99)] + [0.9 + k / 1000 + 0.0005 for k in range(1, 99)], 16)
+    detections = []
+    for _ in range(rng.randint(0, 7)):
+        x, y = rng.randint(0, 350), rng.randint(0, 250)
+        box = [x, y, x + rng.randint(4, 50), y + rng.randint(4, 50)]
+        names = rng.sample([a, b, rng.choice(CLASSES)], rng.randint(1, 2))
+        detections.append((box, {name: scores.pop() for name in dict.fromkeys(names)}))
+    return metadata, detections
+
+
+def test_geneval_profile_gives_genevals_verdict_and_reasons_case_for_case():
+    import random
+
+    from oracles import geneval_verdict
+    from rewardscope.models.prompt import from_geneval_metadata as parse_metadata
+
+    rng = random.Random(18)
+    cases = [random_geneval_case(rng) for _ in range(300)]
+    outcomes = set()
+    for metadata, detections in cases:
+        coco = [(box, {parse_metadata({"include": [{"class": n}]}).objects[0].class_name: s for n, s in scores.items()})
+                for box, scores in detections]  # fmt: skip
+        value, details = verdict("geneval", coco, metadata, nms_iou=1.0)  # a set-prediction detector, as GenEval's
+        expected, reasons = geneval_verdict(metadata, detections)
+        assert (value == 1.0, details["reasons"]) == (expected, reasons), (metadata, detections)
+        outcomes.add((metadata["tag"], expected))
+    assert len(outcomes) == 8  # every tag, both verdicts: the cases exercise each rule
