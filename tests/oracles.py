@@ -44,16 +44,8 @@ def geneval_verdict(metadata: dict, detections: list[tuple[list[float], dict[str
             return set()
         norm = (centre[0] ** 2 + centre[1] ** 2) ** 0.5
         dx, dy = revised[0] / norm, revised[1] / norm
-        found = set()
-        if dx < -0.5:
-            found.add("left of")
-        if dx > 0.5:
-            found.add("right of")
-        if dy < -0.5:
-            found.add("above")
-        if dy > 0.5:
-            found.add("below")
-        return found
+        tests = {"left of": dx < -0.5, "right of": dx > 0.5, "above": dy < -0.5, "below": dy > 0.5}
+        return {relation for relation, holds in tests.items() if holds}
 
     reasons: list[str] = []
     groups: list[list[list[float]] | None] = []

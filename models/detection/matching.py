@@ -168,6 +168,11 @@ def load_detector(
             raise TypeError(f"detector must be a path, 'embedded' or a Detector, got {type(detector).__name__}")
         return detector
     name = str(detector) if detector is not None else None
+    if name not in (None, "", EMBEDDED):
+        from .hf_detector import is_transformers_detector, load_hf_detector
+
+        if is_transformers_detector(name):  # a transformers model directory, or a hub id in the local HF cache
+            return load_hf_detector(name, config, quantized)
     return _onnx_detector(None if name in (None, "", EMBEDDED) else name, config, quantized)
 
 
@@ -367,9 +372,11 @@ class MatchingReward:
         """One detector pass for the chunk; then one box_match per confidence threshold the items are judged at."""
         candidates = self.detector([sample.image for sample in samples])
         outputs: list[RewardOutput | None] = [None] * len(plans)
-        for conf in dict.fromkeys(plan.conf for plan in plans):
+        thresholds = list(dict.fromkeys(plan.conf for plan in plans))
+        for conf in thresholds:
             rows = [row for row, plan in enumerate(plans) if plan.conf == conf]
-            group = self._score_group([samples[r] for r in rows], [plans[r] for r in rows], candidates[rows], conf)
+            chosen = candidates if len(thresholds) == 1 else candidates[rows]  # one threshold: no copy
+            group = self._score_group([samples[r] for r in rows], [plans[r] for r in rows], chosen, conf)
             for row, output in zip(rows, group, strict=True):
                 outputs[row] = output
         return outputs  # type: ignore[return-value]  # every row belongs to one group
