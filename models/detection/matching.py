@@ -370,22 +370,37 @@ class MatchingReward:
 
     def _score_batch(self, samples: list[Sample], plans: list[_Plan]) -> list[RewardOutput]:
         """One detector pass for the chunk; then one box_match per confidence threshold the items are judged at."""
-        candidates = self.detector([sample.image for sample in samples])
+        images = [sample.image for sample in samples]
+        # GenEval's colour check reads each object's mask where the detector gives masks (ultralytics -seg exports).
+        wants_masks = (
+            self.color_classifier is not None
+            and getattr(self.detector, "has_masks", False)
+            and any(spec.color for plan in plans for spec in plan.parsed.objects)
+        )
+        detections = self.detector.detect(images) if wants_masks else None  # type: ignore[attr-defined]
+        candidates = detections.candidates if detections is not None else self.detector(images)
         outputs: list[RewardOutput | None] = [None] * len(plans)
         thresholds = list(dict.fromkeys(plan.conf for plan in plans))
         for conf in thresholds:
             rows = [row for row, plan in enumerate(plans) if plan.conf == conf]
             chosen = candidates if len(thresholds) == 1 else candidates[rows]  # one threshold: no copy
-            group = self._score_group([samples[r] for r in rows], [plans[r] for r in rows], chosen, conf)
+            masks = _MaskSource(self.detector, detections, rows) if detections is not None else None
+            group = self._score_group([samples[r] for r in rows], [plans[r] for r in rows], chosen, conf, masks)
             for row, output in zip(rows, group, strict=True):
                 outputs[row] = output
         return outputs  # type: ignore[return-value]  # every row belongs to one group
 
     def _score_group(
-        self, samples: list[Sample], plans: list[_Plan], candidates: torch.Tensor, conf: float
+        self,
+        samples: list[Sample],
+        plans: list[_Plan],
+        candidates: torch.Tensor,
+        conf: float,
+        masks: _MaskSource | None = None,
     ) -> list[RewardOutput]:
+        sources = None  # multi-label rows -> the detector's candidate each came from
         if self.multi_label:
-            candidates = multi_label_candidates(candidates, conf)
+            candidates, sources = multi_label_candidates(candidates, conf)
         width = max(len(plan.class_ids) for plan in plans)
         class_ids = torch.full((len(plans), width), -1, dtype=torch.int64)
         requested = torch.zeros((len(plans), width), dtype=torch.int64)
@@ -421,7 +436,9 @@ class MatchingReward:
         all_details = [
             self._details(row, plan, match, category, quantity_mean, quantity, conf) for row, plan in enumerate(plans)
         ]
-        colors = self._colors(samples, plans, all_details) if self.variant == "geneval" else {}
+        if masks is not None:
+            masks.kept = match.keep_indices if sources is None else _source_of(match.keep_indices, sources)
+        colors = self._colors(samples, plans, match, masks) if self.variant == "geneval" else {}
         outputs = []
         for row, plan in enumerate(plans):
             details = all_details[row]
@@ -431,7 +448,11 @@ class MatchingReward:
                 for index, predicted in colors.get(row, {}).items():
                     details["objects"][index]["predicted_colors"] = predicted
                 if any(spec.color for spec in plan.parsed.objects):
-                    details["colour_region"] = "box crop (the detector gives no masks)"
+                    details["colour_region"] = (
+                        "mask over grey #999, cropped to the box (GenEval's)"
+                        if masks is not None
+                        else "box crop (the detector gives no masks)"
+                    )
                 value = float(passed)
             elif layout is not None:
                 targets = [
@@ -454,25 +475,32 @@ class MatchingReward:
         return outputs
 
     def _colors(
-        self, samples: list[Sample], plans: list[_Plan], details: list[dict[str, Any]]
+        self, samples: list[Sample], plans: list[_Plan], match: kernel_ops.BoxMatch, masks: _MaskSource | None
     ) -> dict[int, dict[int, list[str]]]:
         """row -> object index -> CLIP colour of each of the object's top-n boxes (GenEval checks colours only
-        where the count is met), classified in one batch for the whole chunk."""
+        where the count is met), classified in one batch for the whole chunk. With masks, each object is its mask
+        pasted over grey #999 and cropped to its box, as GenEval does; otherwise the box crop."""
         if self.color_classifier is None:
             return {}
         from ..clip import crop_box
 
         crops, owners = [], []
         for row, (sample, plan) in enumerate(zip(samples, plans, strict=True)):
-            by_class = _boxes_by_class(details[row], self.max_per_class)
+            by_class = _kept_by_class(match, row, self.vocabulary, self.max_per_class)
             for index, spec in enumerate(plan.parsed.objects):
                 found = by_class.get(spec.class_name, [])[: spec.count]
-                if spec.color and len(found) >= spec.count:
-                    # GenEval names the class its own way in the colour prompts ("tv remote"); box crops, since this
-                    # detector gives no masks (GenEval pastes the mask on grey #999 first: docs/profiles.md).
-                    name = geneval_name(spec.class_name)
-                    crops += [(crop_box(sample.image, box.tolist()), name) for box in found]
-                    owners += [(row, index)] * len(found)
+                if not (spec.color and len(found) >= spec.count):
+                    continue
+                name = geneval_name(spec.class_name)  # GenEval's name in its colour prompts ("tv remote")
+                boxes = match.keep_boxes[row, found]
+                if masks is not None:
+                    from ..clip import masked_crop
+
+                    pairs = zip(masks.of(row, found, boxes), boxes, strict=True)
+                    crops += [(masked_crop(sample.image, mask, box.tolist()), name) for mask, box in pairs]
+                else:
+                    crops += [(crop_box(sample.image, box.tolist()), name) for box in boxes]
+                owners += [(row, index)] * len(found)
         colors: dict[int, dict[int, list[str]]] = {}
         for (row, index), color in zip(owners, self.color_classifier(crops, self.batch_size), strict=True):
             colors.setdefault(row, {}).setdefault(index, []).append(color)
@@ -547,19 +575,54 @@ def _boxes_by_class(details: dict[str, Any], max_per_class: int | None = None) -
     return by_class
 
 
-def multi_label_candidates(candidates: torch.Tensor, conf: float) -> torch.Tensor:
+def multi_label_candidates(candidates: torch.Tensor, conf: float) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, N, 4 + C] -> [B, M, 4 + C]: one row per (box, class) whose score passes `conf`, carrying that class's
     score alone, so one box counts for every class it passes (GenEval's per-class lists, T2I-CompBench's per-class
-    detectron2 filter) instead of only for its best class."""
+    detectron2 filter) instead of only for its best class. Also [B, M] int64: the candidate each row came from
+    (-1 padding)."""
     boxes, scores = candidates[..., :4], candidates[..., 4:]
     passing = scores > conf
     width = int(passing.flatten(1).sum(-1).max()) if candidates.shape[0] else 0
     expanded = candidates.new_zeros(candidates.shape[0], width, candidates.shape[-1])
+    sources = torch.full((candidates.shape[0], width), -1, dtype=torch.int64)
     for image in range(candidates.shape[0]):
         rows, classes = passing[image].nonzero(as_tuple=True)
         expanded[image, : len(rows), :4] = boxes[image, rows]
         expanded[image, torch.arange(len(rows)), 4 + classes] = scores[image, rows, classes]
-    return expanded
+        sources[image, : len(rows)] = rows
+    return expanded, sources
+
+
+def _source_of(keep_indices: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+    """Kept rows of the multi-label candidates -> the detector's candidate indices (-1 stays -1)."""
+    if sources.shape[1] == 0:
+        return keep_indices
+    return torch.where(keep_indices >= 0, sources.gather(1, keep_indices.clamp(min=0)), keep_indices)
+
+
+def _kept_by_class(
+    match: kernel_ops.BoxMatch, row: int, vocabulary: tuple[str, ...], max_per_class: int | None
+) -> dict[str, list[int]]:
+    """Positions of one image's kept detections grouped by class, best first, at most max_per_class each."""
+    by_class: dict[str, list[int]] = {}
+    for position, class_id in enumerate(match.keep_classes[row, : int(match.num_kept[row])].tolist()):
+        kept = by_class.setdefault(vocabulary[class_id], [])
+        if max_per_class is None or len(kept) < max_per_class:
+            kept.append(position)
+    return by_class
+
+
+class _MaskSource:
+    """Instance masks of one detector pass, for the kept detections of a group of its images."""
+
+    def __init__(self, detector: Any, detections: Any, rows: list[int]) -> None:
+        self.detector, self.detections, self.rows = detector, detections, rows
+        self.kept: torch.Tensor | None = None  # [rows, max_detections]: candidate index of each kept detection
+
+    def of(self, row: int, positions: list[int], boxes: torch.Tensor) -> torch.Tensor:
+        assert self.kept is not None
+        indices = self.kept[row, positions].tolist()
+        return self.detector.instance_masks(self.detections, self.rows[row], indices, boxes)
 
 
 # The matching family: one builder (MatchingReward), one registration per variant. These declarations are the one
