@@ -90,8 +90,6 @@ class RewardService:
             )
             (log.info if self.golden.ok else log.error)("%s", self.golden.summary())
         metrics.GOLDEN_OK.set(1 if self.golden is None or self.golden.ok else 0)
-        _INFO.engine = self.engine
-        _INFO.service = self
         self.draining = False
         metrics.DRAINING.set(0)
         metrics.DECODED_BYTES.set(0)
@@ -142,7 +140,7 @@ class RewardService:
     async def _drain(self, previous: Any, signum: int) -> None:
         deadline = time.monotonic() + SETTINGS.drain_s
         await self.job_runner.stop()
-        inflight = lambda: _INFO.guard.inflight if _INFO.guard is not None else 0  # noqa: E731
+        inflight = lambda: sum(guard.inflight for guard in _GUARDS)  # noqa: E731
         while time.monotonic() < deadline and (inflight() > 0 or self.batcher.items_ahead() > 0):
             await asyncio.sleep(0.05)
         left = inflight()
@@ -248,25 +246,30 @@ def refusal(exc: Overloaded) -> JSONResponse:
     return refused(503, "latency_budget", str(exc), exc.retry_after_s)
 
 
-class _Info:
-    """Bridge from the plain GET routes below to the running service instance (set in its __init__)."""
-
-    engine: RewardEngine | None = None
-    service: RewardService | None = None
-    guard: GuardMiddleware | None = None
+# The guard the ASGI stack built in this worker (the service's drain counts the requests it holds).
+_GUARDS: list[GuardMiddleware] = []
 
 
-_INFO = _Info()
+def _running() -> RewardService | None:
+    """The service instance BentoML runs in this worker, or None while it starts or after it stopped."""
+    try:
+        return bentoml.get_current_service()
+    except bentoml.exceptions.BentoMLException:
+        return None
+
+
+def _starting() -> JSONResponse:
+    return JSONResponse({"error": "service is starting"}, status_code=503)
 
 
 async def rewards_view(_: Request) -> JSONResponse:
-    if _INFO.engine is None:
-        return JSONResponse({"error": "service is starting"}, status_code=503)
-    return JSONResponse(_INFO.engine.describe())
+    service = _running()
+    return _starting() if service is None else JSONResponse(service.engine.describe())
 
 
 async def golden_view(_: Request) -> JSONResponse:
-    golden = _INFO.service.golden if _INFO.service else None
+    service = _running()
+    golden = service.golden if service else None
     if golden is None:
         return JSONResponse({"checked": False})
     return JSONResponse(
@@ -279,9 +282,9 @@ async def score_upload_view(request: Request) -> JSONResponse:
     """Multipart /score: files in `images` (one part each), `prompts` a JSON list of strings, optional
     `rewards` (JSON list or object) and `profile`. Parsed here, not by BentoML's multipart serde, because
     that one downloads any string given for a file field: a URL fetch driven by request data."""
-    service = _INFO.service
+    service = _running()
     if service is None:
-        return JSONResponse({"error": "service is starting"}, status_code=503)
+        return _starting()
     async with request.form(max_files=SETTINGS.max_items, max_fields=16) as form:
         files = form.getlist("images")
         if not files or not all(isinstance(part, UploadFile) for part in files):
@@ -309,7 +312,7 @@ async def score_upload_view(request: Request) -> JSONResponse:
 
 async def _on_job(request: Request, action: str) -> tuple[str | None, Any]:
     """(job id, what JobStore.<action>(id) answered), or (None, None) for a malformed or unknown id."""
-    job_id, service = request.query_params.get("task_id", ""), _INFO.service
+    job_id, service = request.query_params.get("task_id", ""), _running()
     if service is None or not JOB_ID.fullmatch(job_id):
         return None, None
     return job_id, await asyncio.to_thread(getattr(service.jobs, action), job_id)
@@ -339,7 +342,7 @@ async def job_cancel_view(request: Request) -> JSONResponse:
     job_id, status = await _on_job(request, "cancel")
     if status is None:
         return _unknown_job()
-    _INFO.service._observe_jobs()
+    _running()._observe_jobs()  # type: ignore[union-attr]  # _on_job found the service
     return JSONResponse({"task_id": job_id, "status": status})
 
 
@@ -347,7 +350,7 @@ async def job_delete_view(request: Request) -> JSONResponse:
     job_id, deleted = await _on_job(request, "delete")
     if not deleted:
         return _unknown_job()
-    _INFO.service._observe_jobs()
+    _running()._observe_jobs()  # type: ignore[union-attr]  # _on_job found the service
     return JSONResponse({"task_id": job_id, "deleted": True})
 
 
@@ -390,20 +393,20 @@ def parse_json_field(text: str) -> object:
 
 
 def _overloaded() -> tuple[str, int] | None:
-    if _INFO.service is None:
-        return None
-    refused = _INFO.service.batcher.over_budget()
+    service = _running()
+    refused = service.batcher.over_budget() if service is not None else None
     return None if refused is None else (str(refused), refused.retry_after_s)
 
 
 def _draining() -> bool:
-    return _INFO.service is not None and _INFO.service.draining
+    service = _running()
+    return service is not None and service.draining
 
 
 RewardService.add_asgi_middleware(
     GuardMiddleware,
     draining=_draining,
-    register=lambda guard: setattr(_INFO, "guard", guard),
+    register=_GUARDS.append,
     overloaded=_overloaded,
     shed_paths=frozenset({"/score", "/match", "/rank", "/score/upload"}),
     validators={"/jobs/score/submit": _validate_job},
