@@ -210,3 +210,16 @@ def crop_box(image: Image.Image, box: Sequence[float]) -> Image.Image:
     x1 = min(max(int(round(box[2])), x0 + 1), width)
     y1 = min(max(int(round(box[3])), y0 + 1), height)
     return image.crop((x0, y0, x1, y1))
+
+
+def masked_crop(image: Image.Image, mask: Any, box: Sequence[float], background: str = "#999") -> Image.Image:
+    """GenEval's crop of a segmented object (evaluation/evaluate_images.py, ImageCrops): the image composited over
+    a plain `background` (#999 grey) through `mask` (the object's pixels: [H, W] bool tensor or array, or a PIL
+    mask of the image's size), then cropped to the [x0, y0, x1, y1] box as crop_box clamps it."""
+    if not isinstance(mask, Image.Image):
+        pixels = torch.as_tensor(mask).detach().cpu()
+        if tuple(pixels.shape) != (image.height, image.width):
+            raise ValueError(f"mask of shape {tuple(pixels.shape)} for an image of {image.width}x{image.height}")
+        mask = Image.fromarray((pixels > 0).to(torch.uint8).mul(255).numpy())  # mode L
+    blank = Image.new(image.mode, image.size, background)
+    return crop_box(Image.composite(image, blank, mask), box)

@@ -1,5 +1,6 @@
 """OnnxDetector: one onnxruntime session per detector model, batched letterbox preprocessing, and raw
-output decoded to candidates [B, N, 4 + C] (x0, y0, x1, y1 in original-image pixels, then class scores)."""
+output decoded to candidates [B, N, 4 + C] (x0, y0, x1, y1 in original-image pixels, then class scores); for
+ultralytics segmentation exports also the mask coefficients and prototypes, and instance masks from them."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import onnxruntime as ort
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,25 @@ class Letterbox:
     scale: np.ndarray
     padding: np.ndarray
 
+
+@dataclass(frozen=True)
+class Detections:
+    """One detector pass over a batch of B images.
+
+    candidates: [B, N, 4 + C] as OnnxDetector.__call__ returns them. coefficients: [B, N, M] mask coefficients of
+    each candidate, and protos: [B, M, h, w] mask prototypes (h, w = input / 4), for segmentation models; None
+    otherwise. geometry: the letterbox used; image_sizes: [B, 2] (w, h) of the original images."""
+
+    candidates: torch.Tensor
+    coefficients: torch.Tensor | None
+    protos: torch.Tensor | None
+    geometry: Letterbox
+    image_sizes: np.ndarray
+
+
+# Float pixels of one upsampling chunk in instance_masks (ultralytics' process_mask_native budget): bounds memory
+# on large images with many masks.
+MASK_PIXEL_BUDGET = 16_000_000
 
 _NARROW = threading.local()
 
@@ -162,6 +183,10 @@ class Detector(Protocol):
 class OnnxDetector:
     """A YOLO-family detector exported to ONNX with raw outputs [B, 4 + C, N] (cx, cy, w, h, scores).
 
+    Ultralytics segmentation exports (`-seg`) are recognised by their outputs: output0 [B, 4 + C + M, N] (then M
+    mask coefficients per candidate) and output1 prototypes [B, M, h, w]. For them `has_masks` is True, candidates
+    stay [B, N, 4 + C], and detect() / instance_masks() give the masks.
+
     Class names, input size and version are read from the model's metadata (ultralytics keys
     `names`, `imgsz`, plus our `model_version`), never passed in by callers.
     """
@@ -197,6 +222,8 @@ class OnnxDetector:
             self.input_size = (int(model_input.shape[2]), int(model_input.shape[3]))
         self.version = metadata.get("model_version") or f"{self.path.stem}@unversioned"
         self.metadata = metadata
+        self.mask_dim = self._mask_dim()  # M mask coefficients per candidate; 0 for detection models
+        self.has_masks = self.mask_dim > 0
         # Letterbox resizes done ahead of time by prepare(): id(image) -> (weak ref to the image, pixels). PIL
         # images are unhashable; the weak ref tells a live image from a new one that reuses a dead one's id.
         self._resized: OrderedDict[int, tuple[weakref.ref[Image.Image], np.ndarray]] = OrderedDict()
@@ -210,6 +237,21 @@ class OnnxDetector:
         options.log_severity_level = 3
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.config.allow_spinning else "0")
         return ort.InferenceSession(str(self.path), sess_options=options, providers=self._requested_providers)
+
+    def _mask_dim(self) -> int:
+        """M where the session's outputs are an ultralytics segmentation head's (output0 [B, 4 + C + M, N], output1
+        prototypes [B, M, h, w]), else 0."""
+        outputs = self.session.get_outputs()
+        if len(outputs) != 2 or len(outputs[1].shape) != 4 or not isinstance(outputs[1].shape[1], int):
+            return 0
+        mask_dim = outputs[1].shape[1]
+        rows = outputs[0].shape[1] if len(outputs[0].shape) == 3 else None
+        if isinstance(rows, int) and rows != 4 + self.num_classes + mask_dim:
+            raise ValueError(
+                f"{self.path}: output0 has {rows} rows but 4 boxes + {self.num_classes} classes + {mask_dim} mask "
+                "coefficients were expected from its prototypes output"
+            )
+        return mask_dim
 
     def _current_session(self) -> ort.InferenceSession:
         if not (self._narrows and getattr(_NARROW, "active", False)):
@@ -254,33 +296,97 @@ class OnnxDetector:
             "providers": self.providers,
             "input_size": list(self.input_size),
             "num_classes": self.num_classes,
+            "masks": self.has_masks,
         }
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        """Run the session over a preprocessed batch, chunked to the model's fixed batch or configured size."""
+    def _run(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Run the session over a preprocessed batch, chunked to the model's fixed batch or configured size: every
+        output of the model, each [B, ...] (one for detection models; two for segmentation models)."""
         step = self.fixed_batch or max(1, self.config.batch_size)
         session = self._current_session()
-        outputs = []
+        chunks = []
         for start in range(0, batch.shape[0], step):
             chunk = batch[start : start + step]
             real = chunk.shape[0]
             if self.fixed_batch and real < self.fixed_batch:
                 filler = np.zeros((self.fixed_batch - real, *chunk.shape[1:]), dtype=chunk.dtype)
                 chunk = np.concatenate([chunk, filler])
-            outputs.append(session.run(None, {self.input_name: chunk})[0][:real])
-        return np.concatenate(outputs)
+            chunks.append([output[:real] for output in session.run(None, {self.input_name: chunk})])
+        return [np.concatenate(parts) for parts in zip(*chunks, strict=True)]
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
-        """Preprocessed [B, 3, H, W] float32 -> raw model output [B, 4 + C, N]."""
-        return self._run(batch)
+        """Preprocessed [B, 3, H, W] float32 -> raw model output [B, 4 + C, N] ([B, 4 + C + M, N] for
+        segmentation models: then the mask coefficients)."""
+        return self._run(batch)[0]
 
     def decode(self, raw: np.ndarray, geometry: Letterbox, image_sizes: np.ndarray) -> torch.Tensor:
         """Raw [B, 4 + C, N] -> candidates [B, N, 4 + C], boxes x0y0x1y1 in original pixels, clipped."""
         return decode_candidates(torch.from_numpy(np.ascontiguousarray(raw)), geometry, image_sizes).contiguous()
 
-    def __call__(self, images: list[Image.Image]) -> torch.Tensor:
-        """RGB PIL images -> candidates [B, N, 4 + C] (see decode)."""
+    def detect(self, images: list[Image.Image]) -> Detections:
+        """RGB PIL images -> Detections: candidates [B, N, 4 + C] (see decode) and, for segmentation models, the
+        mask coefficients [B, N, M] and prototypes [B, M, h, w] that instance_masks() turns into masks."""
         height, width = self.input_size
         batch, geometry = letterbox_batch(images, height, width, self._take_prepared(images))
         sizes = np.array([image.size for image in images], dtype=np.float64)
-        return self.decode(self.forward(batch), geometry, sizes)
+        outputs = self._run(batch)
+        if not self.has_masks:
+            return Detections(self.decode(outputs[0], geometry, sizes), None, None, geometry, sizes)
+        split = 4 + self.num_classes
+        candidates = self.decode(outputs[0][:, :split], geometry, sizes)
+        coefficients = torch.from_numpy(outputs[0][:, split:]).transpose(1, 2)  # [B, N, M], a view
+        return Detections(candidates, coefficients, torch.from_numpy(outputs[1]), geometry, sizes)
+
+    def __call__(self, images: list[Image.Image]) -> torch.Tensor:
+        """RGB PIL images -> candidates [B, N, 4 + C] (see decode)."""
+        return self.detect(images).candidates
+
+    def instance_masks(
+        self,
+        detections: Detections,
+        image_index: int,
+        candidate_indices: Sequence[int] | torch.Tensor,
+        boxes: Sequence[Sequence[float]] | torch.Tensor,
+    ) -> torch.Tensor:
+        """Binary masks [K, H, W] (bool, the original image's pixels) of K candidates of image `image_index`.
+
+        boxes: [K, 4] x0 y0 x1 y1 in original pixels (the candidates' boxes, or the kept boxes after NMS). The rule
+        of ultralytics' ops.process_mask_native (retina_masks=True) with the letterbox handled as ops.scale_masks:
+        logits = coefficients @ protos.view(M, -1) viewed [K, h, w]; bilinear upsampling to the letterboxed input
+        size; the letterbox padding cropped away and the content resized (bilinear) to the original image; pixels
+        outside each box zeroed (ops.crop_mask: columns x0 <= x < x1, rows y0 <= y < y1); kept where
+        sigmoid(logit) > 0.5, i.e. logit > 0. As in ultralytics 8.4 the logits are interpolated, not the sigmoid
+        (older releases applied the sigmoid first, which moves border pixels slightly). Unlike
+        process_mask_native, which upsamples the prototypes by 4, 2 or 1 depending on the padding (a speed-up),
+        this always goes through the full input size, as process_mask(upsample=True) does."""
+        if detections.coefficients is None or detections.protos is None:
+            raise ValueError(f"{self.path.name} is not a segmentation model: its detections carry no masks")
+        indices = torch.as_tensor(candidate_indices, dtype=torch.long).cpu().reshape(-1)
+        boxes = torch.as_tensor(boxes).detach().to("cpu", torch.float32).reshape(-1, 4)
+        if len(boxes) != len(indices):
+            raise ValueError(f"{len(indices)} candidate indices but {len(boxes)} boxes")
+        image_w, image_h = (int(v) for v in detections.image_sizes[image_index])
+        masks = torch.zeros((len(indices), image_h, image_w), dtype=torch.bool)
+        if len(indices) == 0:
+            return masks
+        protos = detections.protos[image_index].float()
+        mask_dim, proto_h, proto_w = protos.shape
+        coefficients = detections.coefficients[image_index, indices].float()  # [K, M]
+        logits = (coefficients @ protos.reshape(mask_dim, -1)).view(1, -1, proto_h, proto_w)
+        # The letterbox content in input pixels, exactly as letterbox_batch placed it (and as scale_masks derives).
+        height, width = self.input_size
+        scale = float(detections.geometry.scale[image_index])
+        pad_x, pad_y = (int(v) for v in detections.geometry.padding[image_index])
+        new_w, new_h = max(int(np.round(image_w * scale)), 1), max(int(np.round(image_h * scale)), 1)
+        step = max(1, MASK_PIXEL_BUDGET // (image_h * image_w + height * width))
+        for start in range(0, len(indices), step):
+            chunk = F.interpolate(logits[:, start : start + step], (height, width), mode="bilinear")
+            chunk = chunk[..., pad_y : pad_y + new_h, pad_x : pad_x + new_w]
+            chunk = F.interpolate(chunk, (image_h, image_w), mode="bilinear")
+            torch.gt(chunk[0], 0, out=masks[start : start + step])
+        x0, y0, x1, y1 = boxes[:, :, None].unbind(1)  # each [K, 1]
+        columns = torch.arange(image_w, dtype=torch.float32)[None, None, :]
+        rows = torch.arange(image_h, dtype=torch.float32)[None, :, None]
+        masks &= (columns >= x0[:, None]) & (columns < x1[:, None])
+        masks &= (rows >= y0[:, None]) & (rows < y1[:, None])
+        return masks
