@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rewardscope.models.profiles import get_profile
 from rewardscope.models.scorer import Scorer
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def check(scorer: Scorer, profile: str, expectations_path: Path | None = None) -
     path = expectations_path or BUNDLED
     expected = json.loads(Path(path).read_text())
     version = scorer.versions().get("matching")
-    if version != expected["detector_version"] or profile != expected["profile"]:
+    if version != expected["detector_version"] or get_profile(profile).name != get_profile(expected["profile"]).name:
         return GoldenReport(
             ok=True,
             skipped=f"expectations are for {expected['detector_version']} / {expected['profile']}, "
