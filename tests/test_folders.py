@@ -363,3 +363,20 @@ def test_ray_engine_gives_the_same_rows_as_in_process(tmp_path, assets):
         ray.shutdown()
     key = lambda row: row["key"]  # noqa: E731
     assert sorted(folders.read_rows(local), key=key) == sorted(folders.read_rows(distributed), key=key)
+
+
+def test_folder_scoring_runs_from_inside_a_running_event_loop(tmp_path, assets):
+    # It drives the service's Batcher with asyncio.run; a caller already in an event loop (a notebook) still works.
+    import asyncio
+
+    from rewardscope import Scorer
+
+    items = [folders.FolderItem(key=str(i), path=assets / "bus.jpg", prompt="a bus") for i in range(3)]
+    backend = folders.ScorerBackend(Scorer(["matching"]))
+
+    async def inside() -> folders.RunStats:
+        return folders.score_items(items, backend, tmp_path / "out", batch_size=2)
+
+    stats = asyncio.run(inside())
+    assert (stats.scored, stats.errors) == (3, 0)
+    assert [row["key"] for row in folders.read_rows(tmp_path / "out")] == ["0", "1", "2"]

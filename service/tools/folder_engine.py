@@ -12,6 +12,7 @@ import gc
 import math
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -136,7 +137,7 @@ def score_items(
         _write_rows(writer, stats, batch, results, on_batch)
 
     try:
-        asyncio.run(_score_batches(batches, backend, batch_size, max(0, prefetch_batches), max(1, lanes), write))
+        _run_to_end(_score_batches(batches, backend, batch_size, max(0, prefetch_batches), max(1, lanes), write))
     except KeyboardInterrupt:
         stats.interrupted = True
     finally:
@@ -144,6 +145,17 @@ def score_items(
         gc.unfreeze()
     stats.seconds = time.perf_counter() - started
     return stats
+
+
+def _run_to_end(coroutine: Any) -> None:
+    """asyncio.run, also from a thread that already runs an event loop (a notebook): then on a thread of its own."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(coroutine)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="folder-run") as runner:
+        runner.submit(asyncio.run, coroutine).result()
 
 
 async def _score_batches(
