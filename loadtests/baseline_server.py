@@ -61,7 +61,7 @@ def create_app(settings: ServiceSettings | None = None) -> Flask:
                 failed = ScoreResult(rewards={name: None for name in scorer.weights})
                 failed.add_error(str(exc), exc.code)
                 # An item that failed decoding names no model versions, as in the service.
-                answers[index] = {**failed.to_dict(), "profile": settings.profile, "versions": {}}
+                answers[index] = {**failed.to_dict(), "profile": scorer.profile, "versions": {}}
         started = time.perf_counter()
         scored = scorer.score(
             [image for _, image in decoded],
@@ -70,7 +70,7 @@ def create_app(settings: ServiceSettings | None = None) -> Flask:
         )
         seconds = time.perf_counter() - started
         for (index, _), result in zip(decoded, scored, strict=True):
-            answers[index] = {**result.to_dict(), "profile": settings.profile, "versions": versions}
+            answers[index] = {**result.to_dict(), "profile": scorer.profile, "versions": versions}
         # Scorer time apart from transport and JSON: what benchmarks compare with the service's reward latency.
         return jsonify(answers), 200, {"server-timing": f"score;dur={seconds * 1e3:.2f}"}
 
