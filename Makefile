@@ -17,7 +17,7 @@ COMPILE := pip-compile --quiet --allow-unsafe --strip-extras --no-emit-index-url
 TOOLS := $(VENV)-tools
 # A strict editable install links the files present when it ran: the list of the package's files is kept in
 # $(MODULES) and the install re-runs whenever a module (or package data file) is added or removed.
-PACKAGE_DIRS := rewardscope service models kernels
+PACKAGE_DIRS := rewardscope service models kernels client/rewardscope_client
 MODULES := $(VENV)/.modules
 MODULES_NOW := $(sort $(shell find $(PACKAGE_DIRS) -type f \( -name '*.py' -o -name '*.json' -o -name '*.sh' \) 2>/dev/null))
 INSTALLED := $(VENV)/.editable

@@ -665,7 +665,7 @@ def test_ddpo_reward_fn_returns_a_tensor_for_tensor_images():
     images = torch.full((4, 3, 8, 8), 0.2)
     prompts = ("a", "b", "fail", "d")
     with fake_client(FakeService()) as client:
-        rewards, metadata = ddpo_reward_fn(client)(images, prompts, ({}, {}, {}, {}))
+        rewards, metadata = ddpo_reward_fn(client, on_failure="nan")(images, prompts, ({}, {}, {}, {}))
     assert isinstance(rewards, torch.Tensor) and rewards.dtype == torch.float32 and rewards.shape == (4,)
     assert rewards.device == images.device
     expected = torch.tensor([51 / 255, 51 / 255, float("nan"), 51 / 255])
@@ -689,7 +689,7 @@ def test_flow_grpo_reward_fn_returns_scores_per_reward_and_avg():
     images = torch.full((3, 3, 8, 8), 0.4)
     metadata = [{"include": [{"class": "dog", "count": 1}]}, {}, {}]
     with fake_client(FakeService()) as client:
-        reward_fn = flow_grpo_reward_fn(client, rewards={"matching": 0.5})
+        reward_fn = flow_grpo_reward_fn(client, rewards={"matching": 0.5}, on_failure="nan")
         scores, info = reward_fn(images, ["a", "b", "fail"], metadata, only_strict=True)
         future = reward_fn.submit(images, ["a", "b", "c"], metadata, only_strict=False)
         assert isinstance(future, Future)

@@ -1,9 +1,10 @@
 """Reward functions in the signatures RL trainers call: TRL's DDPOTrainer (and ddpo-pytorch) and flow-GRPO,
 each with a `.submit(...)` that returns a Future so sampling the next batch overlaps scoring this one.
 
-Failed items come back as NaN, with the reasons in the metadata (`errors`, `error_codes`) and a `valid` mask:
-training code must mask NaN rewards (e.g. drop those samples from the advantage statistics), never fill 0 —
-a 0 would teach the model that the image was bad when the service merely could not score it.
+Items the service could not score follow `on_failure` (rewardscope_client.failures): "raise" (default) names them
+in an error, "impute" gives each the mean of its prompt's valid items (marked in the metadata's `imputed`), "nan"
+leaves NaN for loops that mask. Never 0: a 0 would teach the model that the image was bad when the service merely
+could not score it. The metadata keeps the reasons (`errors`, `error_codes`) and the `valid` mask.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from .client import Metadata, RewardClient
+from .failures import FailurePolicy
 from .images import is_torch_tensor
 from .protocol import RewardSpec
 from .results import ScoreBatch
@@ -77,59 +79,82 @@ class DDPORewardFunction:
 
     images: a tensor [B, 3, H, W] in [0, 1] (as the pipelines produce), or anything RewardClient.score takes.
     rewards: float32 torch tensor on the images' device when the images are torch tensors, else float64 numpy.
-    NaN marks a failed item (metadata["errors"] says why; metadata["valid"] is the mask).
+    Failed items: see on_failure (module docstring). as_futures: the call returns (Future[rewards],
+    Future[metadata]), what TRL's `async_reward_computation=True` branch unpacks and resolves.
     """
 
     def __init__(
-        self, client: RewardClient, rewards: str | RewardSpec | None, profile: str | None, select: str
+        self,
+        client: RewardClient,
+        rewards: str | RewardSpec | None,
+        profile: str | None,
+        select: str,
+        on_failure: str = "raise",
+        as_futures: bool = False,
     ) -> None:
         self.client, self.rewards, self.profile, self.select = client, rewards, profile, select
+        self.policy, self.as_futures = FailurePolicy(on_failure), as_futures
 
-    def _finish(self, device: Any) -> Callable[[ScoreBatch], tuple[Any, dict[str, Any]]]:
+    def _finish(self, device: Any, prompts: Sequence[str]) -> Callable[[ScoreBatch], tuple[Any, dict[str, Any]]]:
         def finish(batch: ScoreBatch) -> tuple[Any, dict[str, Any]]:
-            values = _select(batch, self.select)
+            failed = self.policy.check(batch, prompts)
+            values = self.policy.apply(_select(batch, self.select), failed, prompts)
+            info = {**batch_info(batch), "imputed": self.policy.imputed(failed)}
             if device is not None:
                 import torch  # the input was a tensor, so torch is importable
 
-                return torch.as_tensor(values, dtype=torch.float32, device=device), batch_info(batch)
-            return values, batch_info(batch)
+                return torch.as_tensor(values, dtype=torch.float32, device=device), info
+            return values, info
 
         return finish
 
-    def __call__(
-        self, images: Any, prompts: Sequence[str], prompt_metadata: Metadata = None
-    ) -> tuple[Any, dict[str, Any]]:
+    def __call__(self, images: Any, prompts: Sequence[str], prompt_metadata: Metadata = None) -> Any:
+        if self.as_futures:
+            both = self.submit(images, prompts, prompt_metadata)
+            return _then(both, lambda pair: pair[0]), _then(both, lambda pair: pair[1])
         batch = self.client.score(images, prompts, prompt_metadata, rewards=self.rewards, profile=self.profile)
-        return self._finish(_torch_device(images))(batch)
+        return self._finish(_torch_device(images), list(prompts))(batch)
 
     def submit(
         self, images: Any, prompts: Sequence[str], prompt_metadata: Metadata = None
     ) -> Future[tuple[Any, dict[str, Any]]]:
         """The same call in the background: a Future of (rewards, metadata); the inputs may be reused at once."""
         future = self.client.score_async(images, prompts, prompt_metadata, rewards=self.rewards, profile=self.profile)
-        return _then(future, self._finish(_torch_device(images)))
+        return _then(future, self._finish(_torch_device(images), list(prompts)))
 
 
 class FlowGRPORewardFunction:
     """reward_fn(images, prompts, metadata, only_strict=True) -> (scores, info): flow-GRPO's multi_score
     signature. scores: {reward name: float64 [B], ..., "avg": the weighted total [B]}, the dict flow-GRPO's
-    training loop reads ("avg" is the training reward); NaN marks a failed item (info["errors"] says why,
-    info["valid"] is the mask). only_strict is accepted for compatibility and has no effect: the service
-    computes the rewards asked for.
+    training loop reads ("avg" is the training reward). Failed items: see on_failure (module docstring); info
+    keeps `errors`, `valid` and `imputed`. only_strict is accepted for compatibility and has no effect: the
+    service computes the rewards asked for.
     """
 
-    def __init__(self, client: RewardClient, rewards: str | RewardSpec | None, profile: str | None) -> None:
+    def __init__(
+        self, client: RewardClient, rewards: str | RewardSpec | None, profile: str | None, on_failure: str = "raise"
+    ) -> None:
         self.client, self.rewards, self.profile = client, rewards, profile
+        self.policy = FailurePolicy(on_failure)
 
-    @staticmethod
-    def _finish(batch: ScoreBatch) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        return {**batch.rewards, "avg": batch.total}, batch_info(batch)
+    def _finish(self, prompts: Sequence[str]) -> Callable[[ScoreBatch], tuple[dict[str, np.ndarray], dict[str, Any]]]:
+        def finish(batch: ScoreBatch) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+            failed = self.policy.check(batch, prompts)
+            scores = {name: self.policy.apply(values, failed, prompts) for name, values in batch.rewards.items()}
+            scores["avg"] = self.policy.apply(batch.total, failed, prompts)
+            return scores, {
+                **batch_info(batch),
+                "imputed": self.policy.imputed(failed),
+            }
+
+        return finish
 
     def __call__(
         self, images: Any, prompts: Sequence[str], metadata: Metadata = None, only_strict: bool = True
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         del only_strict
-        return self._finish(self.client.score(images, prompts, metadata, rewards=self.rewards, profile=self.profile))
+        batch = self.client.score(images, prompts, metadata, rewards=self.rewards, profile=self.profile)
+        return self._finish(list(prompts))(batch)
 
     def submit(
         self, images: Any, prompts: Sequence[str], metadata: Metadata = None, only_strict: bool = True
@@ -137,24 +162,35 @@ class FlowGRPORewardFunction:
         """The same call in the background: a Future of (scores, info); the inputs may be reused at once."""
         del only_strict
         future = self.client.score_async(images, prompts, metadata, rewards=self.rewards, profile=self.profile)
-        return _then(future, self._finish)
+        return _then(future, self._finish(list(prompts)))
 
 
 def ddpo_reward_fn(
-    client: RewardClient, rewards: str | RewardSpec | None = None, profile: str | None = None, select: str = "total"
+    client: RewardClient,
+    rewards: str | RewardSpec | None = None,
+    profile: str | None = None,
+    select: str = "total",
+    on_failure: str = "raise",
+    as_futures: bool = False,
 ) -> DDPORewardFunction:
-    """A TRL DDPOTrainer `reward_function` scoring through `client`.
+    """A TRL DDPOTrainer `reward_function` scoring through `client` (DDPOTrainer exists in trl < 0.24).
 
     rewards / profile: as RewardClient.score. select: "total" (the weighted sum) or one reward's name.
-    Usage: DDPOTrainer(config, ddpo_reward_fn(RewardClient(url)), prompt_fn, pipeline).
+    on_failure: "raise" | "impute" | "nan" (rewardscope_client.failures). as_futures=True for
+    DDPOConfig(async_reward_computation=True). Usage: DDPOTrainer(config, ddpo_reward_fn(RewardClient(url)),
+    prompt_fn, pipeline).
     """
-    return DDPORewardFunction(client, rewards, profile, select)
+    return DDPORewardFunction(client, rewards, profile, select, on_failure, as_futures)
 
 
 def flow_grpo_reward_fn(
-    client: RewardClient, rewards: str | RewardSpec | None = None, profile: str | None = None
+    client: RewardClient,
+    rewards: str | RewardSpec | None = None,
+    profile: str | None = None,
+    on_failure: str = "raise",
 ) -> FlowGRPORewardFunction:
     """A flow-GRPO reward_fn scoring through `client`: a drop-in for `multi_score(device, score_dict)`.
     With rewards={name: weight}, "avg" is the service's weighted total, as multi_score's is.
+    on_failure: "raise" | "impute" | "nan" (rewardscope_client.failures).
     For overlap: `future = reward_fn.submit(images, prompts, metadata)` in place of executor.submit(reward_fn, ...)."""
-    return FlowGRPORewardFunction(client, rewards, profile)
+    return FlowGRPORewardFunction(client, rewards, profile, on_failure)
