@@ -119,3 +119,25 @@ def test_flow_grpo_impute_fills_every_score_and_avg():
         scores, info = reward_fn(images([0.2, 0.4, 0.6]), ["a", "b", "fail"], [{}, {}, {}])
     assert np.isfinite(scores["avg"]).all() and np.isfinite(scores["matching"]).all()
     assert scores["matching"][2] == pytest.approx((51 + 102) / 255 / 2) and info["imputed"].tolist() == [0, 0, 1]
+
+
+def test_a_nan_image_fails_alone_and_the_rest_of_its_batch_is_scored():
+    # An fp16 VAE overflow: one NaN pixel in image 1. It is not sent; its item fails with invalid_pixels.
+    batch = images([0.2, 0.4, 0.6, 0.8])
+    batch[1, 0, 3, 3] = float("nan")
+    batch[3, 2, 0, 0] = float("inf")
+    service = FakeService()
+    with fake_client(service) as client:
+        rewards, metadata = ddpo_reward_fn(client, on_failure="nan")(batch, ("a", "b", "c", "d"), [{}] * 4)
+        with pytest.raises(ItemsFailed, match="item 1: invalid_pixels"):
+            ddpo_reward_fn(client)(batch, ("a", "b", "c", "d"), [{}] * 4)
+    assert metadata["error_codes"] == [None, "invalid_pixels", None, "invalid_pixels"]
+    np.testing.assert_allclose(rewards.numpy(), [51 / 255, np.nan, 153 / 255, np.nan], rtol=1e-6)
+    assert len(service.bodies[0]["items"]) == 2  # only the two good images travelled
+
+
+def test_a_batch_of_only_nan_images_sends_nothing():
+    service = FakeService()
+    with fake_client(service) as client:
+        batch = client.score([np.full((4, 4, 3), np.nan, np.float32)], ["a"])
+    assert batch.error_codes == ["invalid_pixels"] and service.bodies == []

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # Python 3.11 has it in typing
 from ._version import __version__
 from .images import ENCODINGS, Encoding
 from .protocol import (
+    LOCAL_FAILURE,
     RETRYABLE_ERRORS,
     RetryPolicy,
     RewardSpec,
@@ -281,10 +282,13 @@ class _ClientBase:
 
     def _send_chunk(self, plan: _Plan, chunk: range) -> Steps:
         entries = yield _Compute(plan.build, (chunk,))
-        results: list[Any] = []
-        for part in split_by_bytes(entries, self.max_request_bytes):
-            results.extend((yield from self._post_part(plan.path, plan.key, part, plan.extra)))
-        return results
+        # Items that failed a local check (protocol.local_failure) are answered here and never sent.
+        to_send = [entry for entry in entries if LOCAL_FAILURE not in entry]
+        answered: list[Any] = []
+        for part in split_by_bytes(to_send, self.max_request_bytes) if to_send else []:
+            answered.extend((yield from self._post_part(plan.path, plan.key, part, plan.extra)))
+        remote = iter(answered)
+        return [entry[LOCAL_FAILURE] if LOCAL_FAILURE in entry else next(remote) for entry in entries]
 
     def _get_json(self, method: str, path: str, params: dict[str, Any] | None = None) -> Steps:
         return _json((yield from self._request(method, path, params=params)), path)

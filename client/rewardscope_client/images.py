@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -111,6 +112,43 @@ def _batch_channels_last(batch: np.ndarray) -> list[np.ndarray]:
     return [_channels_last(image) for image in batch]
 
 
+@dataclass(frozen=True)
+class InvalidImage:
+    """An image that is not sent: it failed a local check (NaN or infinite pixels, e.g. an fp16 VAE overflow).
+    Its item fails alone with `code`; the rest of its batch is scored."""
+
+    reason: str
+    code: str = "invalid_pixels"
+
+
+def _non_finite_images(pixels: Any) -> list[bool]:
+    """Per image of a float batch [B, ...]: True where it holds a NaN or infinite value (integers: none)."""
+    if is_torch_tensor(pixels):
+        import torch  # lazily: torch stays optional
+
+        if not pixels.is_floating_point() or pixels.numel() == 0:
+            return [False] * int(pixels.shape[0])
+        return (~torch.isfinite(pixels.detach()).flatten(1).all(1)).tolist()
+    values = np.asarray(pixels)
+    if not np.issubdtype(values.dtype, np.floating) or values.size == 0:
+        return [False] * values.shape[0]
+    return (~np.isfinite(values.reshape(values.shape[0], -1)).all(1)).tolist()
+
+
+def _split_batch(pixels: Any, copy: bool) -> list[Any]:
+    """A batched array/tensor -> its images; an image with NaN or infinite pixels becomes an InvalidImage (zeros
+    stand in for it while the batch converts), so it fails alone instead of failing the batch."""
+    bad = _non_finite_images(pixels)
+    if any(bad):
+        pixels = pixels.clone() if is_torch_tensor(pixels) else np.array(pixels, copy=True)
+        for index, is_bad in enumerate(bad):
+            if is_bad:
+                pixels[index] = 0
+    entries: list[Any] = _batch_channels_last(to_uint8(pixels, copy=copy))
+    reason = "float image holds NaN or infinite values (not sent)"
+    return [InvalidImage(reason) if is_bad else entry for entry, is_bad in zip(entries, bad, strict=True)]
+
+
 def split_images(images: Any, copy: bool = False) -> list[Any]:
     """A batch of images -> one entry per image, pixels as uint8 numpy [H, W(, C)].
 
@@ -125,14 +163,18 @@ def split_images(images: Any, copy: bool = False) -> list[Any]:
                 f"a single array or tensor must be a batch [B, H, W, C] or [B, C, H, W]; got shape "
                 f"{tuple(images.shape)} (wrap one image in a list)"
             )
-        return _batch_channels_last(to_uint8(images, copy=copy))
+        return _split_batch(images, copy)
     if isinstance(images, (str, bytes, os.PathLike, Image.Image)):
         raise TypeError("images must be a sequence (list or tuple) of images, or a batched array/tensor")
     entries: list[Any] = []
     for image in images:
-        if _is_pixels(image):
-            pixels = to_uint8(image, copy=copy)
-            entries.extend(_batch_channels_last(pixels) if pixels.ndim == 4 else [_channels_last(pixels)])
+        if _is_pixels(image) and len(image.shape) == 4:
+            entries.extend(_split_batch(image, copy))
+        elif _is_pixels(image):
+            if any(_non_finite_images(image[None])):
+                entries.append(InvalidImage("float image holds NaN or infinite values (not sent)"))
+            else:
+                entries.append(_channels_last(to_uint8(image, copy=copy)))
         elif isinstance(image, (Image.Image, str, bytes, bytearray, memoryview, os.PathLike)):
             entries.append(image)
         else:
@@ -188,6 +230,8 @@ def encode_image(image: Any, encoding: Encoding = "npy") -> dict[str, str]:
     """
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}; got {encoding!r}")
+    if isinstance(image, InvalidImage):  # /score and /match answer it per item; here there is no item to fail
+        raise ValueError(image.reason)
     if isinstance(image, (str, os.PathLike)):
         with open(image, "rb") as handle:
             return {"image": _b64(handle.read())}

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from .images import Encoding, encode_image, is_torch_tensor, split_images
+from .images import Encoding, InvalidImage, encode_image, is_torch_tensor, split_images
 from .results import RewardServiceError
 
 RewardSpec = Sequence[str] | Mapping[str, float]
@@ -145,12 +145,32 @@ def item_entry(
     encoding: Encoding,
     **fields: Any,
 ) -> dict[str, Any]:
-    """One ScoreItem / MatchItem body; fields left None are omitted so the server's defaults apply."""
+    """One ScoreItem / MatchItem body; fields left None are omitted so the server's defaults apply. An
+    InvalidImage gives a local failure instead (`local_failure`): it is answered here, never sent."""
+    if isinstance(source, InvalidImage):
+        return {LOCAL_FAILURE: local_failure(source)}
     entry: dict[str, Any] = {**encode_image(source, encoding), "prompt": prompt}
     if metadata:  # {} (a trainer's "no metadata") means the same as none: parse the prompt
         entry["metadata"] = dict(metadata)
     entry.update({name: value for name, value in fields.items() if value is not None})
     return entry
+
+
+LOCAL_FAILURE = "local_failure"  # the key of an entry answered by the client itself
+
+
+def local_failure(image: InvalidImage) -> dict[str, Any]:
+    """The ItemResult of an item that failed before sending: no rewards, the reason, no model versions."""
+    return {
+        "rewards": {},
+        "total": None,
+        "score": None,  # /match's field
+        "details": {},
+        "error": f"image: {image.reason}",
+        "error_code": image.code,
+        "profile": None,
+        "versions": {},
+    }
 
 
 GRAD_DTYPES = ("float16", "float32")
