@@ -73,9 +73,12 @@ def serving_process(
 
 
 @contextlib.contextmanager
-def running_server(env: dict[str, str] | None = None, ready: bool = True, timeout: float = 180) -> Iterator[str]:
-    """Yield the base URL of a served RewardService; ready=False waits only for /livez (not-ready tests)."""
-    port = free_port()
+def running_server(
+    env: dict[str, str] | None = None, ready: bool = True, timeout: float = 180, port: int | None = None
+) -> Iterator[str]:
+    """Yield the base URL of a served RewardService; ready=False waits only for /livez (not-ready tests). port: a
+    fixed one (a service restarted where it was, tests/test_client_outage.py); None: a free one."""
+    port = free_port() if port is None else port
     # Each server its own BentoML home: two servers sharing one clash on the task store's sqlite file. Removed with
     # the server: CI runs on a clean clone, and left behind, these pile up on its disk.
     with tempfile.TemporaryDirectory(prefix="bentoml-home-", ignore_cleanup_errors=True) as home:

@@ -713,3 +713,229 @@ def test_importing_the_client_does_not_import_torch():
         env={**os.environ, "PYTHONPATH": str(CLIENT_ROOT)},
     )
     assert result.stdout.strip() == "False"
+
+
+# -- Retries bounded by time, and replicas (issue #19) -------------------------------------------------------
+def _connect_error(url: str = URL) -> httpx.ConnectError:
+    return httpx.ConnectError("connection refused", request=httpx.Request("POST", f"{url}/score"))
+
+
+def test_retries_go_on_past_six_attempts_within_retry_for():
+    # The old bound (max_retries=5: 6 attempts, about 16 s of backoff) would have raised here.
+    service = FakeService(script=[error_response(503, "restarting")] * 10 + [_connect_error()] * 3)
+    delays: list[float] = []
+    with fake_client(service, backoff=0.5) as client:
+        client._sleep = delays.append
+        batch = client.score(uniform_images([51]), ["a"])
+    assert len(service.requests) == 14 and len(delays) == 13
+    assert max(delays) <= 33.0 and sum(delays) < 300.0  # capped at max_backoff (+10% jitter), inside retry_for
+    np.testing.assert_allclose(batch.total, [0.2])
+
+
+@pytest.mark.parametrize(
+    "options, budget",
+    [({}, 300.0), ({"retry_for": 20.0}, 20.0), ({"retry_for": 20.0, "max_retries": 100}, 20.0)],
+    ids=["default-300s", "retry_for-20s", "time-bound-first"],
+)
+def test_retries_stop_when_retry_for_is_spent_with_a_clear_message(options, budget):
+    service = FakeService(script=[_connect_error()] * 200)
+    delays: list[float] = []
+    with fake_client(service, backoff=0.5, **options) as client, pytest.raises(RewardServiceError) as raised:
+        client._sleep = delays.append
+        client.score(uniform_images([1]), ["a"])
+    assert sum(delays) == pytest.approx(budget)  # the last wait is cut short at the deadline, never past it
+    assert max(delays) <= 33.0
+    assert raised.value.attempts == len(service.requests) == len(delays) + 1 > 6
+    assert raised.value.status_code is None
+    message = str(raised.value)
+    assert f"after {raised.value.attempts} attempts" in message and "ConnectError" in message
+    assert f"in {budget:.1f} s: retry_for={budget:g} s" in message
+
+
+def test_retry_for_counts_wall_clock_time_too():
+    now = [100.0]
+    policy = RetryPolicy(retry_for=10.0, backoff=0.5, clock=lambda: now[0])
+    budget = policy.start()
+    assert 0.5 <= budget.failed(None) <= 0.55  # first failure: the first step of the ladder
+    now[0] += 9.8  # a slow attempt (a long timeout) used most of the budget
+    assert budget.failed(None) == pytest.approx(0.2)  # the wait stops at the deadline
+    now[0] += 0.3
+    assert budget.failed(None) is None
+    assert "3 attempts in 10.1 s: retry_for=10 s" in budget.summary()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [lambda: error_response(503, "busy", **{"Retry-After": "0"}), _connect_error],
+    ids=["503", "connect-error"],
+)
+def test_max_retries_zero_still_means_one_attempt(answer):
+    service = FakeService(script=[answer() for _ in range(3)])
+    delays: list[float] = []
+    with fake_client(service, max_retries=0) as client, pytest.raises(RewardServiceError) as raised:
+        client._sleep = delays.append
+        client.score(uniform_images([1]), ["a"])
+    assert len(service.requests) == 1 and delays == [] and raised.value.attempts == 1
+    assert "gave up after 1 attempt in" in str(raised.value) and "max_retries=0" in str(raised.value)
+
+
+def test_retry_after_is_honoured_within_the_budget_and_cut_at_its_deadline():
+    service = FakeService(script=[error_response(503, "draining", **{"Retry-After": "5"})] * 3)
+    delays: list[float] = []
+    with fake_client(service, backoff=0.5, retry_for=8.0) as client, pytest.raises(RewardServiceError) as raised:
+        client._sleep = delays.append
+        client.score(uniform_images([1]), ["a"])
+    assert len(delays) == 2 and 5.0 <= delays[0] <= 5.05  # Retry-After, plus at most 10% of backoff
+    assert delays[1] == pytest.approx(8.0 - delays[0])  # the second Retry-After would end past retry_for
+    assert raised.value.status_code == 503 and raised.value.attempts == 3 and "retry_for=8 s" in str(raised.value)
+
+
+def test_retry_policy_rejects_negative_budgets():
+    with pytest.raises(ValueError, match="retry_for and max_retries"):
+        RetryPolicy(retry_for=-1.0)
+    with pytest.raises(ValueError, match="retry_for and max_retries"):
+        RewardClient(URL, max_retries=-1)
+
+
+URL_A, URL_B = "http://replica-a.test", "http://replica-b.test"
+
+
+class Replicas:
+    """Two fake services, one per host: the client's httpx transport routes each request by its URL."""
+
+    def __init__(self, a: FakeService | None = None, b: FakeService | None = None) -> None:
+        self.services = {"replica-a.test": a or FakeService(), "replica-b.test": b or FakeService()}
+        self.a, self.b = self.services["replica-a.test"], self.services["replica-b.test"]
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        return self.services[request.url.host](request)
+
+
+def replica_client(replicas: Replicas, **options: Any) -> RewardClient:
+    options.setdefault("backoff", 0.001)
+    return RewardClient([URL_A, URL_B], transport=httpx.MockTransport(replicas), **options)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [lambda: error_response(503, "draining", **{"Retry-After": "5"}), lambda: _connect_error(URL_A)],
+    ids=["503", "connect-error"],
+)
+def test_a_failed_replica_costs_one_attempt_and_no_backoff(failure):
+    replicas = Replicas(a=FakeService(script=[failure()]))
+    delays: list[float] = []
+    with replica_client(replicas) as client:
+        client._sleep = delays.append
+        batch = client.score(uniform_images([51]), ["a"])
+    assert delays == []  # straight to the next replica, no wait
+    assert len(replicas.a.requests) == 1 and len(replicas.b.requests) == 1
+    assert replicas.a.bodies[0] == replicas.b.bodies[0]
+    np.testing.assert_allclose(batch.total, [0.2])
+
+
+def test_the_client_backs_off_only_when_every_replica_failed_in_a_row():
+    replicas = Replicas(
+        a=FakeService(script=[_connect_error(URL_A)]), b=FakeService(script=[error_response(503, "busy")])
+    )
+    delays: list[float] = []
+    with replica_client(replicas, backoff=0.5) as client:
+        client._sleep = delays.append
+        batch = client.score(uniform_images([51]), ["a"])
+    assert len(delays) == 1 and 0.5 <= delays[0] <= 0.55  # one round failed: the first step of the ladder
+    assert [request.url.host for request in replicas.a.requests + replicas.b.requests] == [
+        "replica-a.test",
+        "replica-a.test",  # after the wait: round-robin on from B, the replica that failed last
+        "replica-b.test",
+    ]
+    np.testing.assert_allclose(batch.total, [0.2])
+
+
+def test_giving_up_across_replicas_names_the_last_one():
+    replicas = Replicas(
+        a=FakeService(script=[_connect_error(URL_A)] * 50), b=FakeService(script=[_connect_error()] * 50)
+    )
+    delays: list[float] = []
+    with replica_client(replicas, retry_for=10.0) as client, pytest.raises(RewardServiceError) as raised:
+        client._sleep = delays.append
+        client.score(uniform_images([1]), ["a"])
+    assert sum(delays) == pytest.approx(10.0)
+    assert len(replicas.a.requests) + len(replicas.b.requests) == raised.value.attempts
+    assert raised.value.attempts == 2 * len(delays) + 1  # each round both replicas; past the deadline, one
+    assert "retry_for=10 s on http://replica-" in str(raised.value)
+
+
+def test_chunks_are_spread_over_the_replicas():
+    replicas = Replicas()
+    with replica_client(replicas, chunk_size=1) as client:
+        batch = client.score(uniform_images([1, 2, 3, 4]), ["p"] * 4)
+        assert client.base_urls == [URL_A, URL_B] and client.base_url == URL_A
+    assert len(replicas.a.requests) == 2 and len(replicas.b.requests) == 2
+    np.testing.assert_allclose(batch.total, np.arange(1, 5) / 255.0)
+
+
+class JobService(FakeService):
+    """FakeService with the job routes that answer cancel and delete."""
+
+    def answer(self, request: httpx.Request, body: Any) -> httpx.Response:
+        if request.url.path == "/jobs/score/cancel":
+            return httpx.Response(200, json={"task_id": request.url.params["task_id"], "status": "cancelled"})
+        if request.url.path == "/jobs/score" and request.method == "DELETE":
+            return httpx.Response(200, json={})
+        return super().answer(request, body)
+
+
+def test_a_job_stays_with_the_replica_that_accepted_it():
+    replicas = Replicas(a=JobService(script=[error_response(503, "draining")]), b=JobService())
+    delays: list[float] = []
+    with replica_client(replicas) as client:
+        client._sleep = delays.append
+        task_id = client.submit(uniform_images([51, 102]), ["a", "b"])  # A refuses: B takes the job
+        replicas.b.script = [error_response(503, "busy")]  # B busy at the first poll: wait for B, never ask A
+        batch = client.result(task_id, poll=0.001)
+        client.cancel(task_id)
+        client.delete(task_id)
+    assert [request.url.path for request in replicas.a.requests] == ["/jobs/score/submit"]
+    assert [request.url.path for request in replicas.b.requests] == [
+        "/jobs/score/submit",
+        *["/jobs/score/status"] * 4,  # the 503, then in_progress, in_progress, completed
+        "/jobs/score/get",
+        "/jobs/score/cancel",
+        "/jobs/score",
+    ]
+    assert len(delays) == 1  # the poll answered 503 waited (B alone holds the job) instead of failing over
+    np.testing.assert_allclose(batch.total, [0.2, 0.4])
+
+
+def test_ready_is_true_when_any_replica_is_ready():
+    replicas = Replicas(a=FakeService(script=[_connect_error(URL_A)]))
+    with replica_client(replicas) as client:
+        assert client.ready() is True
+    assert len(replicas.a.requests) == 1 and len(replicas.b.requests) == 1
+
+
+def test_async_client_fails_over_like_the_sync_client():
+    replicas = Replicas(a=FakeService(script=[_connect_error(URL_A)]))
+    delays: list[float] = []
+
+    async def record(seconds: float) -> None:
+        delays.append(seconds)
+
+    async def run() -> tuple[ScoreBatch, ScoreBatch]:
+        transport = httpx.MockTransport(replicas)
+        async with AsyncRewardClient([URL_A, URL_B], transport=transport, backoff=0.001) as client:
+            client._sleep = record
+            task_id = await client.submit(uniform_images([102]), ["b"])  # A is down: B takes the job
+            from_job = await client.result(task_id, poll=0.001)
+            return await client.score(uniform_images([51]), ["a"]), from_job
+
+    scored, from_job = asyncio.run(run())
+    assert delays == []
+    np.testing.assert_allclose(scored.total, [0.2])
+    np.testing.assert_allclose(from_job.total, [0.4])
+    assert [request.url.path for request in replicas.a.requests] == ["/jobs/score/submit"]
+    assert [request.url.path for request in replicas.b.requests] == [
+        "/jobs/score/submit",
+        *["/jobs/score/status"] * 3,
+        "/jobs/score/get",
+        "/score",
+    ]

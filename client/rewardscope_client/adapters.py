@@ -194,3 +194,19 @@ def flow_grpo_reward_fn(
     on_failure: "raise" | "impute" | "nan" (rewardscope_client.failures).
     For overlap: `future = reward_fn.submit(images, prompts, metadata)` in place of executor.submit(reward_fn, ...)."""
     return FlowGRPORewardFunction(client, rewards, profile, on_failure)
+
+
+# More trainers live in rewardscope_client.trainers (it imports this module, so they are re-exported lazily):
+# AlignProp (differentiable, through POST /grad), verl / verl-omni and DanceGRPO (per-sample calls coalesced into
+# batched requests), and the config-string factories of ddpo-pytorch and flow_grpo.
+_TRAINER_ADAPTERS = frozenset(
+    {"alignprop_reward_fn", "verl_compute_score", "dancegrpo_reward", "ddpo_pytorch_reward", "flow_grpo_score"}
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TRAINER_ADAPTERS:
+        from . import trainers
+
+        return getattr(trainers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,12 +3,14 @@
 The client logic exists once, sans I/O: every operation is a generator (`_ClientBase`) that yields what it needs
 done (send a request, sleep, compute, run a plan's chunks) and gets the outcome back. RewardClient drives those
 generators with blocking calls and threads, AsyncRewardClient with awaits and tasks; neither holds any logic of
-its own. Request bodies and retry decisions come from protocol.py."""
+its own. Request bodies and retry decisions come from protocol.py; which replica each request goes to is decided
+here, in the core (`_Replicas`), and travels in the `_Send` effect as its URL."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import threading
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
@@ -26,6 +28,7 @@ from .images import ENCODINGS, Encoding
 from .protocol import (
     LOCAL_FAILURE,
     RETRYABLE_ERRORS,
+    RetryBudget,
     RetryPolicy,
     RewardSpec,
     chunk_ranges,
@@ -47,6 +50,8 @@ from .results import GradBatch, RewardServiceError, ScoreBatch
 DEFAULT_URL = "http://127.0.0.1:3000"
 # Below the service's default 64 MiB request limit, with room for JSON overhead.
 DEFAULT_MAX_REQUEST_BYTES = 48 * 1024 * 1024
+# A replica whose last attempt failed retryably is passed over as the first choice of new requests this long.
+REPLICA_COOLDOWN = 10.0
 JOB_SUBMIT, JOB_STATUS, JOB_GET = "/jobs/score/submit", "/jobs/score/status", "/jobs/score/get"
 JOB_CANCEL, JOB_DELETE = "/jobs/score/cancel", "/jobs/score"
 
@@ -85,10 +90,11 @@ class _Plan:
 
 @dataclass(frozen=True)
 class _Send:
-    """One HTTP attempt; the driver answers with the httpx.Response, or the httpx.HTTPError it raised."""
+    """One HTTP attempt to `url` (a replica's base URL + the path, chosen by the core); the driver answers with the
+    httpx.Response, or the httpx.HTTPError it raised."""
 
     method: str
-    path: str
+    url: str
     json: Any = None
     params: dict[str, Any] | None = None
     timeout: float | None = None
@@ -127,6 +133,50 @@ def _json(response: httpx.Response, path: str) -> Any:
         raise RewardServiceError(f"answer is not JSON: {response.text[:200]!r}", response.status_code, path) from None
 
 
+def _gave_up(outcome: httpx.Response | BaseException, path: str, budget: RetryBudget, retried: str | None) -> Exception:
+    """The RewardServiceError of a request that failed for good; `retried`: how its retries ended, when they did."""
+    if isinstance(outcome, httpx.Response):
+        message, status = error_message(outcome), outcome.status_code
+    else:
+        message, status = f"{type(outcome).__name__}: {outcome}", None
+    return RewardServiceError(f"{message} ({retried})" if retried else message, status, path, budget.attempts)
+
+
+class _Replicas:
+    """The service's URLs (replicas) and what the client has learnt of them. Requests start round-robin, passing
+    over a replica whose last attempt failed less than REPLICA_COOLDOWN seconds ago; `jobs` maps each background
+    job's id to the replica that accepted it."""
+
+    def __init__(self, urls: str | Sequence[str]) -> None:
+        self.urls = [url.rstrip("/") for url in ([urls] if isinstance(urls, str) else urls)]
+        if not self.urls or not all(isinstance(url, str) and url for url in self.urls):
+            raise ValueError(f"base_url must be a URL or a non-empty list of URLs; got {urls!r}")
+        self.jobs: dict[str, int] = {}
+        self._turn = itertools.count()  # next() is atomic: chunk threads share it safely
+        self._failed_at: dict[int, float] = {}
+
+    def first(self) -> int:
+        start, now = next(self._turn) % len(self.urls), time.monotonic()
+        for step in range(len(self.urls)):
+            index = (start + step) % len(self.urls)
+            if now - self._failed_at.get(index, -REPLICA_COOLDOWN) >= REPLICA_COOLDOWN:
+                return index
+        return start  # every replica failed lately: plain round-robin
+
+    def after(self, index: int) -> int:
+        return (index + 1) % len(self.urls)
+
+    def answered(self, index: int, ok: bool) -> None:
+        if ok:
+            self._failed_at.pop(index, None)
+        else:
+            self._failed_at[index] = time.monotonic()
+
+    def where(self, index: int) -> str:
+        """' on URL' where there are several replicas (for error messages)."""
+        return f" on {self.urls[index]}" if len(self.urls) > 1 else ""
+
+
 def _job_failure(task_id: str, failure: RewardServiceError | httpx.Response) -> RewardServiceError:
     if isinstance(failure, RewardServiceError):
         return RewardServiceError(f"task {task_id} failed: {failure.message}", failure.status_code, JOB_GET)
@@ -141,28 +191,31 @@ class _ClientBase:
 
     def __init__(
         self,
-        base_url: str = DEFAULT_URL,
+        base_url: str | Sequence[str] = DEFAULT_URL,
         token: str | None = None,
         timeout: float = 120.0,
-        max_retries: int = 5,
+        max_retries: int | None = None,
         backoff: float = 0.5,
         chunk_size: int = 32,
         max_concurrency: int = 4,
         encoding: Encoding = "npy",
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
+        retry_for: float | None = 300.0,
     ) -> None:
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}; got {encoding!r}")
-        if chunk_size < 1 or max_concurrency < 1 or max_retries < 0:
-            raise ValueError("chunk_size and max_concurrency must be >= 1 and max_retries >= 0")
-        self.base_url = base_url.rstrip("/")
+        if chunk_size < 1 or max_concurrency < 1:
+            raise ValueError("chunk_size and max_concurrency must be >= 1")
+        self._replicas = _Replicas(base_url)
+        self.base_urls = list(self._replicas.urls)
+        self.base_url = self.base_urls[0]
         self.timeout = timeout
         self.chunk_size = chunk_size
         self.max_concurrency = max_concurrency
         self.encoding: Encoding = encoding
         self.max_request_bytes = max_request_bytes
-        self.retry = RetryPolicy(max_retries=max_retries, backoff=backoff)
+        self.retry = RetryPolicy(retry_for=retry_for, max_retries=max_retries, backoff=backoff)
         self._headers = {"user-agent": f"rewardscope-client/{__version__}"}
         if token:
             self._headers["authorization"] = f"Bearer {token}"
@@ -186,8 +239,7 @@ class _ClientBase:
         limits = httpx.Limits(
             max_connections=2 * self.max_concurrency, max_keepalive_connections=2 * self.max_concurrency
         )
-        options: dict[str, Any] = {
-            "base_url": self.base_url,
+        options: dict[str, Any] = {  # no base_url: each _Send carries its replica's full URL
             "headers": self._headers,
             "timeout": httpx.Timeout(self.timeout),
             "limits": limits,
@@ -248,26 +300,50 @@ class _ClientBase:
 
     # -- The client logic: each operation a generator of effects ----------------------------------------------
     def _request(
-        self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None, retry: bool = True
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        retry: bool = True,
+        replica: int | None = None,
     ) -> Steps:
         """Send until a final answer: success returns the response, a final error raises RewardServiceError."""
-        attempts = 0
+        return (yield from self._exchange(method, path, json, params, retry, replica))[1]
+
+    def _exchange(
+        self, method: str, path: str, json: Any, params: dict[str, Any] | None, retry: bool, replica: int | None
+    ) -> Steps:
+        """_request's work; returns (the replica that answered, its response). replica None: any replica, and a
+        retryable failure sends the next attempt to the next replica at once (the client waits only once every
+        replica has failed in a row); an index: that replica alone (a background job's). Retries stop when
+        self.retry's budget (retry_for, max_retries) is spent; retry=False: one attempt."""
+        replicas, budget = self._replicas, self.retry.start()
+        index = replicas.first() if replica is None else replica
+        failed_in_a_row = 0
         while True:
-            attempts += 1
-            outcome = yield _Send(method, path, json, params)
-            if isinstance(outcome, BaseException):
-                if not isinstance(outcome, RETRYABLE_ERRORS):
-                    raise outcome
-                delay = self.retry.next_delay(attempts, None) if retry else None
-                if delay is None:
-                    raise RewardServiceError(f"{type(outcome).__name__}: {outcome}", None, path, attempts) from outcome
-            else:
-                if outcome.is_success:
-                    return outcome
-                delay = self.retry.next_delay(attempts, outcome) if retry else None
-                if delay is None:
-                    raise RewardServiceError(error_message(outcome), outcome.status_code, path, attempts)
-            yield _Sleep(delay)
+            outcome = yield _Send(method, replicas.urls[index] + path, json, params)
+            response = outcome if isinstance(outcome, httpx.Response) else None
+            if response is None and not isinstance(outcome, RETRYABLE_ERRORS):
+                raise outcome
+            if response is not None and response.is_success:
+                replicas.answered(index, ok=True)
+                return index, response
+            retryable = RetryPolicy.retryable(response)
+            if retryable:
+                replicas.answered(index, ok=False)
+            failed_in_a_row += 1
+            failover = replica is None and failed_in_a_row < len(replicas.urls)
+            delay = budget.failed(response, backoff=not failover)
+            if delay is None or not retry:
+                retried = f"{budget.summary()}{replicas.where(index)}" if retryable and retry else None
+                raise _gave_up(outcome, path, budget, retried) from (outcome if response is None else None)
+            if not failover:
+                failed_in_a_row = 0
+                yield _Sleep(delay)
+            if replica is None:
+                index = replicas.after(index)
 
     def _post_part(self, path: str, key: str, part: list[dict[str, Any]], extra: dict[str, Any]) -> Steps:
         try:
@@ -292,6 +368,15 @@ class _ClientBase:
 
     def _get_json(self, method: str, path: str, params: dict[str, Any] | None = None) -> Steps:
         return _json((yield from self._request(method, path, params=params)), path)
+
+    def _job_request(self, method: str, path: str, task_id: str, retry: bool = True) -> Steps:
+        """A request about a background job, sent to the replica that accepted it (the first URL for an id this
+        client did not submit): only that replica knows the job."""
+        replica = self._replicas.jobs.get(task_id, 0)
+        return (yield from self._request(method, path, params={"task_id": task_id}, retry=retry, replica=replica))
+
+    def _job_json(self, method: str, path: str, task_id: str) -> Steps:
+        return _json((yield from self._job_request(method, path, task_id)), path)
 
     # -- Operations (the public methods of both clients) ----------------------------------------------------
     def _score(
@@ -339,29 +424,36 @@ class _ClientBase:
         return (yield from self._get_json("GET", "/rewards"))
 
     def _ready(self, timeout: float = 5.0) -> Steps:
-        """GET /readyz once, without retries: True when the service answers 200."""
-        outcome = yield _Send("GET", "/readyz", timeout=timeout)
-        return isinstance(outcome, httpx.Response) and outcome.status_code == 200
+        """GET /readyz once per replica, without retries: True when one answers 200 (failover makes it usable)."""
+        for url in self._replicas.urls:
+            outcome = yield _Send("GET", url + "/readyz", timeout=timeout)
+            if isinstance(outcome, httpx.Response) and outcome.status_code == 200:
+                return True
+        return False
 
     def _submit(
         self, images: Images, prompts: Prompts, metadata: Metadata = None, **options: Unpack[ScoreOptions]
     ) -> Steps:
-        """Queue a background scoring job (one request, not chunked): POST /jobs/score/submit; returns its id."""
+        """Queue a background scoring job (one request, not chunked): POST /jobs/score/submit; returns its id.
+        The job stays with the replica that accepted it: its status, result, cancel and delete go there."""
         items = yield _Compute(functools.partial(self._job_items, **score_fields(options)), (images, prompts, metadata))
-        answer = _json((yield from self._request("POST", JOB_SUBMIT, json={"items": items})), JOB_SUBMIT)
-        return str(answer["task_id"])
+        replica, response = yield from self._exchange("POST", JOB_SUBMIT, {"items": items}, None, True, None)
+        task_id = str(_json(response, JOB_SUBMIT)["task_id"])
+        self._replicas.jobs[task_id] = replica
+        return task_id
 
     def _status(self, task_id: str) -> Steps:
         """The job's status as the server names it (pending, in_progress, success, failure, cancelled)."""
-        return str((yield from self._get_json("GET", JOB_STATUS, {"task_id": task_id}))["status"])
+        return str((yield from self._job_json("GET", JOB_STATUS, task_id))["status"])
 
     def _cancel(self, task_id: str) -> Steps:
         """Cancel a queued or running job; returns its status afterwards."""
-        return str((yield from self._get_json("PUT", JOB_CANCEL, {"task_id": task_id}))["status"])
+        return str((yield from self._job_json("PUT", JOB_CANCEL, task_id))["status"])
 
     def _delete(self, task_id: str) -> Steps:
         """Forget a job and its stored input or result (a running one stops)."""
-        yield from self._request("DELETE", JOB_DELETE, params={"task_id": task_id})
+        yield from self._job_request("DELETE", JOB_DELETE, task_id)
+        self._replicas.jobs.pop(task_id, None)
 
     def _result(self, task_id: str, wait: bool = True, poll: float = 0.5, timeout: float | None = None) -> Steps:
         """The job's ScoreBatch. wait: poll every `poll` s until it finishes (TimeoutError after `timeout` s);
@@ -375,16 +467,15 @@ class _ClientBase:
             if not wait or (deadline is not None and time.monotonic() >= deadline):
                 raise TimeoutError(f"task {task_id} is still {status}")
             yield _Sleep(poll, poll=True)
-        params = {"task_id": task_id}
         if state == "canceled":
             raise RewardServiceError(f"task {task_id} was canceled", None, JOB_STATUS)
         if state == "failed":
             try:
-                response = yield from self._request("GET", JOB_GET, params=params, retry=False)
+                response = yield from self._job_request("GET", JOB_GET, task_id, retry=False)
             except RewardServiceError as exc:
                 raise _job_failure(task_id, exc) from None
             raise _job_failure(task_id, response)
-        answer = yield from self._get_json("GET", JOB_GET, params)
+        answer = yield from self._job_json("GET", JOB_GET, task_id)
         return ScoreBatch.from_items(expect_list(answer, None, JOB_GET))
 
 
@@ -436,10 +527,17 @@ class RewardClient(_ClientBase):
 
     Large batches are split into chunks of `chunk_size` items, sent concurrently by up to `max_concurrency`
     threads over one pooled connection set, and reassembled in input order. Requests answered 503/429
-    (or 502/504), or lost to connection errors and timeouts, are resent whole up to `max_retries` times with
-    exponential backoff (`backoff` seconds, doubling, with jitter; the server's Retry-After wins). Other
-    4xx/5xx answers raise RewardServiceError at once with the server's message. A chunk answered 413 is
-    split in two and sent again; chunks are also kept under `max_request_bytes` before sending.
+    (or 502/504), or lost to connection errors and timeouts, are resent whole for up to `retry_for` seconds
+    (default 300: a service restart or a brief outage costs a pause, not the run; None: no time limit) and, when
+    `max_retries` is given, at most that many times (0: never), with exponential backoff (`backoff` seconds,
+    doubling up to 30 s, with jitter; the server's Retry-After wins). Other 4xx/5xx answers raise
+    RewardServiceError at once with the server's message. A chunk answered 413 is split in two and sent again;
+    chunks are also kept under `max_request_bytes` before sending.
+
+    `base_url` may be a list of URLs (replicas of the service). /score, /match, /rank, /grad and /rewards
+    requests start on the replicas in turn; a retryable failure sends the next attempt to the next replica at
+    once, and the client backs off only when every replica has failed in a row. A background job (`submit`)
+    stays with the replica that accepted it: its status, result, cancel and delete go there.
 
     `encoding` is the transport for arrays and tensors: "npy" (default, lossless), "png" or "jpeg".
     Per-item failures never raise: their rewards are NaN, with the message in `ScoreBatch.errors`.
@@ -464,7 +562,7 @@ class RewardClient(_ClientBase):
     def _perform(self, effect: Any) -> Any:
         if isinstance(effect, _Send):
             try:
-                return self._http.request(effect.method, effect.path, **_send_options(effect))
+                return self._http.request(effect.method, effect.url, **_send_options(effect))
             except httpx.HTTPError as exc:
                 return exc
         if isinstance(effect, _Sleep):
@@ -534,7 +632,7 @@ class AsyncRewardClient(_ClientBase):
     async def _perform(self, effect: Any) -> Any:
         if isinstance(effect, _Send):
             try:
-                return await self._http.request(effect.method, effect.path, **_send_options(effect))
+                return await self._http.request(effect.method, effect.url, **_send_options(effect))
             except httpx.HTTPError as exc:
                 return exc
         if isinstance(effect, _Sleep):

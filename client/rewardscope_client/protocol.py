@@ -37,18 +37,30 @@ MAX_RANK_GROUPS = 64  # the service's limit of groups per /rank request
 
 @dataclass
 class RetryPolicy:
-    """Bounded exponential backoff with jitter; a server's Retry-After wins when it gives one.
+    """How long to keep sending a request that failed retryably, and how long to wait between attempts.
 
-    Delay before retry k (0-based): Retry-After (capped at max_retry_after), else
+    A retryable outcome (a RETRYABLE_STATUS answer or a RETRYABLE_ERRORS transport failure) is sent again
+    until `retry_for` seconds are spent (None: no time limit) and, when `max_retries` is given, at most that
+    many times (0: never). Time spent is the wall-clock time since the call's first attempt or the backoff
+    already slept, whichever is larger; no wait reaches past the deadline (the last one is cut short).
+
+    Delay before backoff k (0-based): Retry-After (capped at max_retry_after), else
     min(backoff * 2**k, max_backoff); plus up to 10% (of backoff, or of the delay) random jitter so that
     clients refused together do not return together.
     """
 
-    max_retries: int = 5
+    retry_for: float | None = 300.0
+    max_retries: int | None = None
     backoff: float = 0.5
     max_backoff: float = 30.0
     max_retry_after: float = 60.0
     rng: random.Random = field(default_factory=random.Random, repr=False)
+    clock: Any = field(default=time.monotonic, repr=False)  # () -> seconds; tests pass a fake one
+
+    def __post_init__(self) -> None:
+        negative_time = self.retry_for is not None and self.retry_for < 0
+        if negative_time or (self.max_retries is not None and self.max_retries < 0):
+            raise ValueError("retry_for and max_retries must be >= 0 (or None: no limit)")
 
     def delay(self, attempt: int, retry_after: str | None = None) -> float:
         waited = parse_retry_after(retry_after)
@@ -58,16 +70,72 @@ class RetryPolicy:
         base = min(self.backoff * (2.0**attempt), self.max_backoff)
         return base + self.rng.uniform(0.0, 0.1 * base)
 
-    def next_delay(self, attempts: int, response: httpx.Response | None) -> float | None:
-        """Seconds to wait before sending again after `attempts` tries, or None when the outcome is final.
-        response None: the attempt failed in transport (connection error, timeout)."""
-        if attempts > self.max_retries:
+    @staticmethod
+    def retryable(response: httpx.Response | None) -> bool:
+        """Whether a failed attempt may succeed when sent again; response None: it failed in transport."""
+        return response is None or response.status_code in RETRYABLE_STATUS
+
+    def allows(self, attempts: int, spent: float) -> bool:
+        """Whether another attempt may follow `attempts` of them, `spent` seconds into the call."""
+        if self.max_retries is not None and attempts > self.max_retries:
+            return False
+        return self.retry_for is None or spent < self.retry_for
+
+    def next_delay(
+        self, attempts: int, response: httpx.Response | None, spent: float = 0.0, backoffs: int | None = None
+    ) -> float | None:
+        """Seconds to wait before sending again after `attempts` tries, `spent` seconds into the call, or None
+        when the outcome is final or the budget is spent. response None: the attempt failed in transport
+        (connection error, timeout). backoffs: the waits so far (default attempts - 1) set the exponent."""
+        if not self.retryable(response) or not self.allows(attempts, spent):
             return None
-        if response is None:
-            return self.delay(attempts - 1)
-        if response.status_code in RETRYABLE_STATUS:
-            return self.delay(attempts - 1, response.headers.get("retry-after"))
-        return None
+        retry_after = None if response is None else response.headers.get("retry-after")
+        delay = self.delay(attempts - 1 if backoffs is None else backoffs, retry_after)
+        return delay if self.retry_for is None else min(delay, self.retry_for - spent)
+
+    def start(self) -> RetryBudget:
+        """The retry state of one call, whose first attempt is about to go out."""
+        return RetryBudget(self, self.clock())
+
+
+@dataclass
+class RetryBudget:
+    """One call's retries under a RetryPolicy: attempts made, waits taken, time since its first attempt."""
+
+    policy: RetryPolicy
+    started: float
+    attempts: int = 0
+    backoffs: int = 0
+    slept: float = 0.0
+
+    @property
+    def spent(self) -> float:
+        """Seconds spent: wall-clock since the first attempt, or the waits taken if more (a recorded sleep)."""
+        return max(self.policy.clock() - self.started, self.slept)
+
+    def failed(self, response: httpx.Response | None, backoff: bool = True) -> float | None:
+        """Count a failed attempt; the seconds to wait before the next one, or None: give up (the outcome is
+        final, or the budget spent). backoff False: the next attempt goes elsewhere (another replica) at once,
+        so the answer is 0.0 and the backoff ladder does not advance."""
+        self.attempts += 1
+        if not backoff:
+            allowed = self.policy.retryable(response) and self.policy.allows(self.attempts, self.spent)
+            return 0.0 if allowed else None
+        delay = self.policy.next_delay(self.attempts, response, self.spent, self.backoffs)
+        if delay is not None:
+            self.backoffs += 1
+            self.slept += delay
+        return delay
+
+    def summary(self) -> str:
+        """How the retries ended, for the error raised when they run out."""
+        policy = self.policy
+        if policy.retry_for is None or (policy.max_retries is not None and self.attempts > policy.max_retries):
+            limit = f"max_retries={policy.max_retries}"
+        else:
+            limit = f"retry_for={policy.retry_for:g} s"
+        plural = "s" if self.attempts != 1 else ""
+        return f"gave up after {self.attempts} attempt{plural} in {self.spent:.1f} s: {limit}"
 
 
 def parse_retry_after(value: str | None) -> float | None:
