@@ -75,7 +75,7 @@ test-latest:
 # Regenerate both lock files from pyproject.toml's ranges (today's newest versions; torch stays at its pin).
 lock:
 	test -x $(TOOLS)/bin/pip-compile || ($(PY) -m venv $(TOOLS) && $(TOOLS)/bin/pip install -q pip-tools)
-	$(TOOLS)/bin/$(COMPILE) --extra test --extra ray -o $(LOCK) pyproject.toml client/pyproject.toml
+	$(TOOLS)/bin/$(COMPILE) --extra test --extra ray --extra trainers -o $(LOCK) pyproject.toml client/pyproject.toml
 	$(TOOLS)/bin/$(COMPILE) -o $(RUNTIME_LOCK) pyproject.toml
 
 # The Bento installs requirements.lock and the rewardscope wheel built here (bentofile.yaml names it).

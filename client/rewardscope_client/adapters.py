@@ -9,8 +9,9 @@ could not score it. The metadata keeps the reasons (`errors`, `error_codes`) and
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import numpy as np
@@ -39,6 +40,22 @@ def _then(future: Future[ScoreBatch], finish: Callable[[ScoreBatch], Result]) ->
 
     future.add_done_callback(resolve)
     return chained
+
+
+class _InOrder:
+    """Finishes background calls in the order they were submitted (the scoring itself still overlaps), so a failed
+    item imputed in one call sees the valid values of every call submitted before it, as a trainer that maps its
+    reward function over a step's batches and resolves them in order expects (FailurePolicy keeps that history)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._finisher: ThreadPoolExecutor | None = None
+
+    def then(self, future: Future[ScoreBatch], finish: Callable[[ScoreBatch], Result]) -> Future[Result]:
+        with self._lock:
+            if self._finisher is None:
+                self._finisher = ThreadPoolExecutor(1, thread_name_prefix="rewardscope-finish")
+            return self._finisher.submit(lambda: finish(future.result()))
 
 
 def _torch_device(images: Any) -> Any:
@@ -93,12 +110,12 @@ class DDPORewardFunction:
         as_futures: bool = False,
     ) -> None:
         self.client, self.rewards, self.profile, self.select = client, rewards, profile, select
-        self.policy, self.as_futures = FailurePolicy(on_failure), as_futures
+        self.policy, self.as_futures, self._order = FailurePolicy(on_failure), as_futures, _InOrder()
 
     def _finish(self, device: Any, prompts: Sequence[str]) -> Callable[[ScoreBatch], tuple[Any, dict[str, Any]]]:
         def finish(batch: ScoreBatch) -> tuple[Any, dict[str, Any]]:
             failed = self.policy.check(batch, prompts)
-            values = self.policy.apply(_select(batch, self.select), failed, prompts)
+            values = self.policy.apply(_select(batch, self.select), failed, prompts, self.select)
             info = {**batch_info(batch), "imputed": self.policy.imputed(failed)}
             if device is not None:
                 import torch  # the input was a tensor, so torch is importable
@@ -120,7 +137,7 @@ class DDPORewardFunction:
     ) -> Future[tuple[Any, dict[str, Any]]]:
         """The same call in the background: a Future of (rewards, metadata); the inputs may be reused at once."""
         future = self.client.score_async(images, prompts, prompt_metadata, rewards=self.rewards, profile=self.profile)
-        return _then(future, self._finish(_torch_device(images), list(prompts)))
+        return self._order.then(future, self._finish(_torch_device(images), list(prompts)))
 
 
 class FlowGRPORewardFunction:
@@ -135,12 +152,12 @@ class FlowGRPORewardFunction:
         self, client: RewardClient, rewards: str | RewardSpec | None, profile: str | None, on_failure: str = "raise"
     ) -> None:
         self.client, self.rewards, self.profile = client, rewards, profile
-        self.policy = FailurePolicy(on_failure)
+        self.policy, self._order = FailurePolicy(on_failure), _InOrder()
 
     def _finish(self, prompts: Sequence[str]) -> Callable[[ScoreBatch], tuple[dict[str, np.ndarray], dict[str, Any]]]:
         def finish(batch: ScoreBatch) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
             failed = self.policy.check(batch, prompts)
-            scores = {name: self.policy.apply(values, failed, prompts) for name, values in batch.rewards.items()}
+            scores = {name: self.policy.apply(values, failed, prompts, name) for name, values in batch.rewards.items()}
             scores["avg"] = self.policy.apply(batch.total, failed, prompts)
             return scores, {
                 **batch_info(batch),
@@ -162,7 +179,7 @@ class FlowGRPORewardFunction:
         """The same call in the background: a Future of (scores, info); the inputs may be reused at once."""
         del only_strict
         future = self.client.score_async(images, prompts, metadata, rewards=self.rewards, profile=self.profile)
-        return _then(future, self._finish(list(prompts)))
+        return self._order.then(future, self._finish(list(prompts)))
 
 
 def ddpo_reward_fn(

@@ -4,9 +4,11 @@ there turns every advantage, and the loss, into NaN.
 
 on_failure:
 - "raise" (default): a clear error naming each failed item and why. Nothing reaches the trainer.
-- "impute": a failed item gets the mean of the call's valid items with the same prompt, else of all valid items;
-  a warning counts them and the metadata marks them (`imputed`). With the mean in its place, the failed sample's
-  advantage lands near 0 under batch or per-prompt normalisation, so it barely moves the policy.
+- "impute": a failed item gets the mean of the call's valid items with the same prompt, else the mean of the valid
+  values of this call and the recent ones (trainers call the reward once per sample batch and normalise over all
+  the batches of a step); a warning counts them and the metadata marks them (`imputed`). With that mean in its
+  place, the failed sample's advantage lands near 0 under the trainers' normalisation, so it barely moves the
+  policy.
 - "nan": NaN stays, for loops that mask; `nan_aware_advantages` is a drop-in normalisation that does.
 
 A prompt the service can never score (its nouns are none the detector knows) is reported once per adapter, not at
@@ -15,7 +17,9 @@ every step.
 
 from __future__ import annotations
 
+import collections
 import logging
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,11 +50,17 @@ class ItemsFailed(RuntimeError):
 class FailurePolicy:
     """Applies on_failure to the values a trainer receives; remembers the prompts it already reported."""
 
-    def __init__(self, on_failure: str = "raise") -> None:
+    def __init__(self, on_failure: str = "raise", history: int = 256) -> None:
         if on_failure not in ON_FAILURE:
             raise ValueError(f"on_failure must be one of {', '.join(ON_FAILURE)}; got {on_failure!r}")
         self.on_failure = on_failure
         self._reported: set[str] = set()
+        # Valid values of the recent calls, per series ("total" or a reward's name): trainers call the reward once
+        # per sample batch and normalise over the epoch's batches, so a failed item whose prompt has no valid item
+        # in its call takes the recent mean, not the mean of one small call.
+        self._recent: dict[str, collections.deque[float]] = {}
+        self.history = history
+        self._lock = threading.Lock()
 
     def check(self, batch: ScoreBatch, prompts: Sequence[str]) -> np.ndarray:
         """bool [B]: the failed items (no total). Raises ItemsFailed under "raise"; reports never-scorable prompts
@@ -79,25 +89,36 @@ class FailurePolicy:
         """bool [B]: the items whose reward was imputed (the metadata's `imputed`)."""
         return failed.copy() if self.on_failure == "impute" else np.zeros_like(failed)
 
-    def apply(self, values: np.ndarray, failed: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
-        """values [B] float64 with the failed items imputed (under "impute"), or as they are."""
-        if self.on_failure != "impute" or not failed.any():
+    def apply(
+        self, values: np.ndarray, failed: np.ndarray, prompts: Sequence[str], series: str = "total"
+    ) -> np.ndarray:
+        """values [B] float64 with the failed items imputed (under "impute"), or as they are. A failed item with no
+        valid item of its prompt in the call takes the mean of the valid values of this call and the recent ones
+        (`history` values of `series`)."""
+        if self.on_failure != "impute":
             return values
-        return impute(values, failed, prompts)
+        valid = values[np.isfinite(values) & ~failed].tolist()
+        with self._lock:
+            recent = self._recent.setdefault(series, collections.deque(maxlen=self.history))
+            recent.extend(valid)
+            pool = list(recent)
+        if not failed.any() and np.isfinite(values).all():
+            return values
+        return impute(values, failed, prompts, fallback=float(np.mean(pool)) if pool else None)
 
 
-def impute(values: np.ndarray, failed: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
-    """Each failed (or non-finite) entry -> the mean of the finite entries with the same prompt, else of all finite
-    entries. values [B]; failed bool [B]."""
+def impute(values: np.ndarray, failed: np.ndarray, prompts: Sequence[str], fallback: float | None = None) -> np.ndarray:
+    """Each failed (or non-finite) entry -> the mean of the finite entries with the same prompt, else `fallback`
+    (given: the recent mean), else the mean of all finite entries. values [B]; failed bool [B]."""
     out = np.array(values, dtype=np.float64, copy=True)
     missing = failed | ~np.isfinite(out)
     usable = ~missing
-    if not usable.any():
+    if not usable.any() and fallback is None:
         raise ValueError("no valid value to impute from")
     prompt_of = np.asarray([str(p) for p in prompts], dtype=object)
     for i in np.flatnonzero(missing):
         same = usable & (prompt_of == prompt_of[i])
-        out[i] = out[same].mean() if same.any() else out[usable].mean()
+        out[i] = out[same].mean() if same.any() else fallback if fallback is not None else out[usable].mean()
     return out
 
 
