@@ -422,3 +422,15 @@ def test_the_adapters_module_re_exports_them():
     assert adapters.verl_compute_score is verl_compute_score and adapters.alignprop_reward_fn is alignprop_reward_fn
     with pytest.raises(AttributeError):
         adapters.no_such_adapter  # noqa: B018
+
+
+def test_dancegrpo_a_lone_failed_image_takes_the_recent_valid_mean_under_impute():
+    # DanceGRPO scores one image at a time: a failed image has no neighbour in its request, so "impute" falls back
+    # to the mean of the valid rewards scored before it (failures.FailurePolicy's history), not to an error.
+    with fake_client(FakeService()) as client:
+        reward_fn = dancegrpo_reward(client, on_failure="impute")
+        first, second = reward_fn(pil(51), "a dog"), reward_fn(pil(153), "a cat")
+        imputed = reward_fn(pil(102), "fail: a unicorn")
+        details = reward_fn.details(pil(102), "fail: a unicorn")
+    assert float(imputed[0]) == pytest.approx((float(first[0]) + float(second[0])) / 2)
+    assert details["imputed"] and not details["valid"]

@@ -57,7 +57,7 @@ import numpy as np
 
 from .adapters import DDPORewardFunction, _select, _then, batch_info, ddpo_reward_fn
 from .client import RewardClient
-from .failures import FailurePolicy, ItemsFailed, impute
+from .failures import FailurePolicy, ItemsFailed
 from .images import InvalidImage, is_torch_tensor, split_images
 from .protocol import RewardSpec
 
@@ -147,7 +147,8 @@ class ScoreCoalescer:
 
     Failed items follow `on_failure` over the coalesced batch: "raise" -> that caller alone gets SampleFailed (an
     ItemsFailed), the others their scores; "impute" -> the mean of the batch's valid items with the same prompt,
-    else of all its valid items (SampleFailed when none scored); "nan" -> score NaN, valid False. A request that
+    else the recent valid mean (this batch and earlier ones: FailurePolicy's history; SampleFailed when nothing valid
+    was ever scored); "nan" -> score NaN, valid False. A request that
     fails as a whole (RewardServiceError) reaches every caller of the batch.
 
     `stats` counts samples, requests (batches sent), failed and imputed samples. Takes a RewardClient (thread-safe,
@@ -255,9 +256,13 @@ class ScoreCoalescer:
         except ItemsFailed:  # "raise", or "impute" with nothing valid: settled per sample below
             failed = ~batch.valid
         values = _select(batch, self.select)
-        can_impute = policy.on_failure == "impute" and failed.any() and not failed.all()
-        if can_impute:
-            values = impute(values, failed, prompts)
+        can_impute = False
+        if policy.on_failure == "impute":
+            try:  # the prompt's valid items in this request, else the recent valid mean (earlier requests too)
+                values = policy.apply(values, failed, prompts, self.select)
+                can_impute = bool(failed.any())
+            except ValueError:  # nothing valid in this request, nor before it
+                can_impute = False
         with self._lock:
             self.stats["failed"] += int(failed.sum())
             self.stats["imputed"] += int(failed.sum()) if can_impute else 0
