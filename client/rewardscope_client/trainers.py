@@ -91,13 +91,13 @@ class SampleFailed(ItemsFailed):
         if on_failure == "impute":
             advice = (
                 f"on_failure='impute' had nothing to impute from: none of the {len(batch)} samples batched with it "
-                "scored. Score more samples concurrently, or pass on_failure='nan' and mask it "
+                "scored, nor any before them. Pass on_failure='nan' and mask it "
                 "(rewardscope_client.failures.nan_aware_advantages)"
             )
         else:
             advice = (
-                "Pass on_failure='impute' to give it the mean reward of the valid samples batched with it (its "
-                "prompt's first), or on_failure='nan' to mask it yourself"
+                "Pass on_failure='impute' to give it the mean reward of its prompt's valid samples batched with it, "
+                "else the recent valid mean, or on_failure='nan' to mask it yourself"
             )
         self.args = (f"{reason}. {advice}",)
 
@@ -355,9 +355,9 @@ class DanceGRPOReward:
 
     Calls from several threads at once are coalesced into batched POST /score requests (ScoreCoalescer).
     `submit(image, prompt)` returns a Future of the tensor at once, so the next image can be sampled while this one
-    is scored (resolve the futures before torch.cat). DanceGRPO's loop scores one image at a time, so under
-    "impute" a failed image has only the samples batched with it to impute from: submit concurrently, or use
-    on_failure="nan" with rewardscope_client.failures.nan_aware_advantages. `details(image, prompt)` returns the
+    is scored (resolve the futures before torch.cat). DanceGRPO's loop scores one image at a time: under "impute" a
+    failed image takes the mean of its prompt's valid samples batched with it, else the recent valid mean (only a
+    failure before anything valid was scored raises). `details(image, prompt)` returns the
     sample's dict (score, error, imputed, valid); `coalescer.stats` counts failed and imputed samples.
     """
 
