@@ -141,3 +141,12 @@ def test_a_batch_of_only_nan_images_sends_nothing():
     with fake_client(service) as client:
         batch = client.score([np.full((4, 4, 3), np.nan, np.float32)], ["a"])
     assert batch.error_codes == ["invalid_pixels"] and service.bodies == []
+
+
+def test_impute_fills_a_call_in_which_nothing_scored_from_the_earlier_calls():
+    with fake_client(FakeService()) as client:
+        reward_fn = ddpo_reward_fn(client, on_failure="impute")
+        first, _ = reward_fn(images([0.2, 0.6]), ("a dog", "a cat"), [{}] * 2)
+        rewards, metadata = reward_fn(images([0.4, 0.4]), ("fail 1", "fail 2"), [{}] * 2)
+    assert torch.isfinite(rewards).all() and metadata["imputed"].tolist() == [True, True]
+    assert float(rewards[0]) == pytest.approx(float(first.mean()), abs=1e-6)

@@ -64,7 +64,8 @@ class FailurePolicy:
 
     def check(self, batch: ScoreBatch, prompts: Sequence[str]) -> np.ndarray:
         """bool [B]: the failed items (no total). Raises ItemsFailed under "raise"; reports never-scorable prompts
-        once; under "impute", refuses a call in which nothing scored (there is nothing to impute from)."""
+        once; under "impute", refuses a call in which nothing scored when nothing valid was scored before either
+        (there is nothing to impute from)."""
         failed = ~batch.valid
         if not failed.any():
             return failed
@@ -74,7 +75,9 @@ class FailurePolicy:
             if batch.error_codes[i] in NEVER_SCORABLE and prompt not in self._reported:
                 self._reported.add(prompt)
                 log.warning("prompt %r can never be scored by this service: %s", prompt, batch.errors[i])
-        if self.on_failure == "raise" or (self.on_failure == "impute" and failed.all()):
+        with self._lock:
+            seen_valid = any(self._recent.values())
+        if self.on_failure == "raise" or (self.on_failure == "impute" and failed.all() and not seen_valid):
             raise ItemsFailed(indices, batch, len(failed))
         if self.on_failure == "impute":
             log.warning(
