@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import numpy as np
@@ -42,20 +42,37 @@ def _then(future: Future[ScoreBatch], finish: Callable[[ScoreBatch], Result]) ->
     return chained
 
 
-class _InOrder:
-    """Finishes background calls in the order they were submitted (the scoring itself still overlaps), so a failed
-    item imputed in one call sees the valid values of every call submitted before it, as a trainer that maps its
-    reward function over a step's batches and resolves them in order expects (FailurePolicy keeps that history)."""
+class _OnResult(Future):
+    """A Future finished when its result is first asked for (the scoring behind it still runs in the background):
+    trainers resolve a step's reward futures in batch order (TRL: `[(r.result(), m.result()) for r, m in mapped]`),
+    so a failed item imputed in one call sees the valid rewards of the calls resolved before it (FailurePolicy keeps
+    that history), however the background calls raced."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._finisher: ThreadPoolExecutor | None = None
+    def __init__(self, source: Future[Any], finish: Callable[[Any], Any]) -> None:
+        super().__init__()
+        self._source, self._finish, self._finishing = source, finish, threading.Lock()
 
-    def then(self, future: Future[ScoreBatch], finish: Callable[[ScoreBatch], Result]) -> Future[Result]:
-        with self._lock:
-            if self._finisher is None:
-                self._finisher = ThreadPoolExecutor(1, thread_name_prefix="rewardscope-finish")
-            return self._finisher.submit(lambda: finish(future.result()))
+    def result(self, timeout: float | None = None) -> Any:
+        with self._finishing:
+            if not super().done():
+                try:
+                    self.set_result(self._finish(self._source.result(timeout)))
+                except Exception as exc:  # handed to the caller, as a Future does
+                    self.set_exception(exc)
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        try:
+            self.result(timeout)
+        except Exception as exc:
+            return exc
+        return None
+
+    def done(self) -> bool:
+        return super().done() or self._source.done()
+
+    def add_done_callback(self, fn: Callable[[Future[Any]], object]) -> None:
+        self._source.add_done_callback(lambda _: fn(self))
 
 
 def _torch_device(images: Any) -> Any:
@@ -110,7 +127,7 @@ class DDPORewardFunction:
         as_futures: bool = False,
     ) -> None:
         self.client, self.rewards, self.profile, self.select = client, rewards, profile, select
-        self.policy, self.as_futures, self._order = FailurePolicy(on_failure), as_futures, _InOrder()
+        self.policy, self.as_futures = FailurePolicy(on_failure), as_futures
 
     def _finish(self, device: Any, prompts: Sequence[str]) -> Callable[[ScoreBatch], tuple[Any, dict[str, Any]]]:
         def finish(batch: ScoreBatch) -> tuple[Any, dict[str, Any]]:
@@ -128,7 +145,7 @@ class DDPORewardFunction:
     def __call__(self, images: Any, prompts: Sequence[str], prompt_metadata: Metadata = None) -> Any:
         if self.as_futures:
             both = self.submit(images, prompts, prompt_metadata)
-            return _then(both, lambda pair: pair[0]), _then(both, lambda pair: pair[1])
+            return _OnResult(both, lambda pair: pair[0]), _OnResult(both, lambda pair: pair[1])
         batch = self.client.score(images, prompts, prompt_metadata, rewards=self.rewards, profile=self.profile)
         return self._finish(_torch_device(images), list(prompts))(batch)
 
@@ -137,7 +154,7 @@ class DDPORewardFunction:
     ) -> Future[tuple[Any, dict[str, Any]]]:
         """The same call in the background: a Future of (rewards, metadata); the inputs may be reused at once."""
         future = self.client.score_async(images, prompts, prompt_metadata, rewards=self.rewards, profile=self.profile)
-        return self._order.then(future, self._finish(_torch_device(images), list(prompts)))
+        return _OnResult(future, self._finish(_torch_device(images), list(prompts)))
 
 
 class FlowGRPORewardFunction:
@@ -152,7 +169,7 @@ class FlowGRPORewardFunction:
         self, client: RewardClient, rewards: str | RewardSpec | None, profile: str | None, on_failure: str = "raise"
     ) -> None:
         self.client, self.rewards, self.profile = client, rewards, profile
-        self.policy, self._order = FailurePolicy(on_failure), _InOrder()
+        self.policy = FailurePolicy(on_failure)
 
     def _finish(self, prompts: Sequence[str]) -> Callable[[ScoreBatch], tuple[dict[str, np.ndarray], dict[str, Any]]]:
         def finish(batch: ScoreBatch) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -179,7 +196,7 @@ class FlowGRPORewardFunction:
         """The same call in the background: a Future of (scores, info); the inputs may be reused at once."""
         del only_strict
         future = self.client.score_async(images, prompts, metadata, rewards=self.rewards, profile=self.profile)
-        return self._order.then(future, self._finish(list(prompts)))
+        return _OnResult(future, self._finish(list(prompts)))
 
 
 def ddpo_reward_fn(
