@@ -443,7 +443,10 @@ class MatchingReward:
         for row, plan in enumerate(plans):
             details = all_details[row]
             if self.variant == "geneval":
-                by_class = _boxes_by_class(details, self.max_per_class)
+                # GenEval judges the boxes as the details report them, grouped as the colour check groups them.
+                kept = _kept_by_class(match, row, self.vocabulary, self.max_per_class)
+                boxes = [np.asarray(detection["box"]) for detection in details["detections"]]
+                by_class = {name: [boxes[p] for p in positions] for name, positions in kept.items()}
                 passed, details["reasons"] = geneval_check(plan.parsed, by_class, colors.get(row))
                 for index, predicted in colors.get(row, {}).items():
                     details["objects"][index]["predicted_colors"] = predicted
@@ -562,17 +565,6 @@ class MatchingReward:
             **({"unseen_in_denominator": len(set(plan.parsed.unknown))} if self.denominator == "all_nouns" else {}),
             "detector": {"model": self.detector.describe()["model"], "version": self.version},
         }
-
-
-def _boxes_by_class(details: dict[str, Any], max_per_class: int | None = None) -> dict[str, list[np.ndarray]]:
-    """Kept detections of one image grouped by class, highest score first (their order in details), at most
-    max_per_class of each (GenEval keeps 16)."""
-    by_class: dict[str, list[np.ndarray]] = {}
-    for detection in details["detections"]:
-        boxes = by_class.setdefault(detection["class"], [])
-        if max_per_class is None or len(boxes) < max_per_class:
-            boxes.append(np.asarray(detection["box"]))
-    return by_class
 
 
 def multi_label_candidates(candidates: torch.Tensor, conf: float) -> tuple[torch.Tensor, torch.Tensor]:
