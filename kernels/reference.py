@@ -124,17 +124,27 @@ def select_candidates(
     max_detections: int,
     pre_nms_topk: int,
     containment_threshold: float = 1.0,
+    num_classes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Confidence filter, best class, top-k pre-selection and class-aware NMS over a whole batch at once.
 
     candidates [B, N, 4 + C] -> (keep_indices, keep_scores, keep_classes) each [B, M] (-1 / 0 padded),
     num_kept [B]; M = max_detections, kept rows sorted by descending score. containment_threshold < 1 adds
-    box_match's containment rule to the NMS (torchvision's nms otherwise).
+    box_match's containment rule to the NMS (torchvision's nms otherwise). num_classes [B] (validated by
+    box_match): image b's best class is taken over its first num_classes[b] score columns only; None: all C.
     """
     batch, num_candidates = candidates.shape[:2]
     device = candidates.device
-    scores, classes = candidates[..., 4:].max(-1)  # [B, N]
+    class_scores = candidates[..., 4:]
+    if num_classes is not None:
+        padded = torch.arange(class_scores.shape[-1], device=device) >= num_classes[:, None]  # [B, C]
+        class_scores = class_scores.masked_fill(padded[:, None, :], -math.inf)
+    scores, classes = class_scores.max(-1)  # [B, N]
     scores = torch.where(scores > conf_threshold, scores, torch.full_like(scores, -1.0))
+    if num_classes is not None:
+        # An image without score columns keeps nothing, whatever the threshold: -inf is above none (-1 is
+        # above a threshold below -1).
+        scores = scores.masked_fill((num_classes == 0)[:, None], -math.inf)
     topk = min(pre_nms_topk, num_candidates)
     top_scores, top_index = scores.topk(topk, dim=1)  # [B, T], descending
     image_index = torch.arange(batch, device=device)[:, None].expand(batch, topk)
@@ -207,6 +217,21 @@ def poisson_binomial(probabilities: torch.Tensor) -> torch.Tensor:
     return pmf.clamp(0.0, 1.0).to(probabilities.dtype)
 
 
+def check_num_classes(num_classes: torch.Tensor | None, candidates: torch.Tensor) -> None:
+    """box_match's num_classes check, shared by both backends (the same inputs fail with the same message):
+    None, or a [B] int64 tensor with every value in [0, C]. The range test reads the values (a device sync)."""
+    if num_classes is None:
+        return
+    batch, width = candidates.shape[0], candidates.shape[-1] - 4
+    if not isinstance(num_classes, torch.Tensor) or num_classes.shape != (batch,) or num_classes.dtype != torch.int64:
+        is_tensor = isinstance(num_classes, torch.Tensor)
+        got = f"{tuple(num_classes.shape)} {num_classes.dtype}" if is_tensor else type(num_classes).__name__
+        raise ValueError(f"num_classes must be a [B] = [{batch}] int64 tensor, got {got}")
+    if bool(((num_classes < 0) | (num_classes > width)).any()):
+        low, high = int(num_classes.min()), int(num_classes.max())
+        raise ValueError(f"num_classes must lie in [0, C] = [0, {width}], got values in [{low}, {high}]")
+
+
 def box_match(
     candidates: torch.Tensor,
     class_ids: torch.Tensor,
@@ -216,12 +241,17 @@ def box_match(
     max_detections: int = 100,
     pre_nms_topk: int = 1000,
     containment_threshold: float = 1.0,
+    num_classes: torch.Tensor | None = None,
 ) -> BoxMatch:
     """Detections -> per-(image, prompt class) counts, confidences and soft counts.
 
     candidates [B, N, 4 + C]: boxes x0, y0, x1, y1 then per-class scores.
     class_ids [B, K] int64: prompt class of each slot, -1 for padding.
     requested [B, K] int64: requested count per slot (ignored for padding).
+    num_classes [B] int64 or None: image b's real score columns are its first num_classes[b] (each in [0, C]);
+    the columns after them are padding (per-image query lists padded to the longest), ignored whatever they
+    hold: the best class is taken over the real columns only, and an image with none keeps nothing. None: all
+    C columns of every image.
 
     Candidates scoring above conf_threshold (best class per candidate) go, at most pre_nms_topk per image, through
     greedy class-aware NMS in score order (ties in topk order): a box is dropped when a kept, higher-ranked box
@@ -237,8 +267,9 @@ def box_match(
         raise ValueError(f"candidates must be [B, N, 4 + C], got {tuple(candidates.shape)}")
     if class_ids.shape != requested.shape or class_ids.shape[0] != candidates.shape[0]:
         raise ValueError(f"class_ids {tuple(class_ids.shape)} and requested must both be [B, K]")
+    check_num_classes(num_classes, candidates)
     keep_indices, keep_scores, keep_classes, num_kept = select_candidates(
-        candidates, conf_threshold, iou_threshold, max_detections, pre_nms_topk, containment_threshold
+        candidates, conf_threshold, iou_threshold, max_detections, pre_nms_topk, containment_threshold, num_classes
     )
     batch = candidates.shape[0]
     gather_index = keep_indices.clamp(min=0)[..., None].expand(batch, max_detections, 4)

@@ -267,3 +267,135 @@ def test_containment_threshold_1_keeps_what_batched_nms_keeps(seed):
     nan = box_match(candidates, class_ids, requested, 0.1, 0.45, 100, 1000, float("nan"))
     for field in match._fields:
         assert torch.equal(getattr(nan, field), getattr(match, field)), field
+
+
+# Per-image class counts (open-vocabulary detectors) -------------------------------------------------------
+
+
+def test_num_classes_hand_worked_example():
+    # Image 0 has 3 real columns, image 1 one: its padded columns 1, 2 hold the highest scores, which would
+    # win the best class, change the NMS and let candidate 2 pass the threshold.
+    candidates = torch.tensor(
+        [
+            [
+                [0, 0, 10, 10, 0.1, 0.8, 0.3],  # class 1 at 0.8
+                [100, 100, 110, 110, 0.6, 0.2, 0.7],  # class 2 at 0.7
+                [200, 200, 210, 210, 0.2, 0.1, 0.15],  # 0.2: below the threshold
+            ],
+            [
+                [0, 0, 10, 10, 0.5, 0.99, 0.95],  # class 0 at 0.5: IoU 81 / 119 = 0.68 with the next box
+                [1, 1, 11, 11, 0.6, 0.1, 0.9],  # class 0 at 0.6: ranked first, suppresses candidate 0
+                [200, 200, 210, 210, 0.1, 0.9, 0.9],  # class 0 at 0.1: below the threshold
+            ],
+        ],
+        dtype=torch.float64,
+    )
+    class_ids = torch.tensor([[1, 2, 0], [0, 1, -1]])
+    requested = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    match = box_match(candidates, class_ids, requested, 0.25, 0.45, 4, num_classes=torch.tensor([3, 1]))
+    assert match.num_kept.tolist() == [2, 1]
+    assert match.keep_indices.tolist() == [[0, 1, -1, -1], [1, -1, -1, -1]]
+    assert match.keep_classes.tolist() == [[1, 2, -1, -1], [0, -1, -1, -1]]
+    assert match.keep_scores.tolist() == [[0.8, 0.7, 0.0, 0.0], [0.6, 0.0, 0.0, 0.0]]
+    assert match.keep_boxes[1, 0].tolist() == [1, 1, 11, 11]
+    # Image 1's class 1 is a padded column: nothing of it is ever kept.
+    assert match.counts.tolist() == [[1, 1, 0], [1, 0, 0]]
+    assert match.confidence_mean.tolist() == [[0.8, 0.7, 0.0], [0.6, 0.0, 0.0]]
+    torch.testing.assert_close(match.p_exact, torch.tensor([[0.8, 0.7, 0.0], [0.6, 0.0, 0.0]], dtype=torch.float64))
+    # Reading image 1's padded columns keeps all three of its candidates instead (classes 1, 2, 1 or 2).
+    assert box_match(candidates, class_ids, requested, 0.25, 0.45, 4).num_kept.tolist() == [2, 3]
+
+
+def open_vocabulary_batch(batch, num, classes, seed, counts):
+    """random_candidates with per-image class counts `counts`: the padded columns hold garbage (scores above
+    any threshold, inf, -inf, nan). -> (padded candidates, the same with zeros in the padding, num_classes)."""
+    candidates = random_candidates(batch, num, classes, seed)
+    num_classes = torch.tensor(counts, dtype=torch.int64)
+    padding = torch.arange(classes) >= num_classes[:, None]  # [B, C]
+    padding = padding[:, None, :].expand(batch, num, classes)
+    zeroed = candidates.clone()
+    zeroed[..., 4:] = zeroed[..., 4:].masked_fill(padding, 0.0)
+    generator = torch.Generator().manual_seed(seed + 1)
+    garbage = torch.rand(batch, num, classes, generator=generator) * 4 - 1
+    specials = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    pick = torch.randint(0, 8, (batch, num, classes), generator=generator)
+    garbage = torch.where(pick < 3, specials[pick.clamp(max=2)], garbage)
+    padded = candidates.clone()
+    padded[..., 4:] = torch.where(padding, garbage, zeroed[..., 4:])
+    return padded, zeroed, num_classes
+
+
+NUM_CLASSES_CASES = {
+    "3 columns, counts 0 / 1 / 3": dict(batch=3, num=80, classes=3, counts=[0, 1, 3], seed=21),
+    "70 columns, counts 70 / 33 / 0": dict(batch=3, num=100, classes=70, counts=[70, 33, 0], seed=22),
+    "5 columns, counts 2 / 5": dict(batch=2, num=150, classes=5, counts=[2, 5], seed=23),
+}
+
+
+@pytest.mark.parametrize("containment", [1.0, 0.5])
+@pytest.mark.parametrize("case", NUM_CLASSES_CASES.values(), ids=NUM_CLASSES_CASES.keys())
+def test_padded_columns_do_not_change_any_output(case, containment):
+    padded, zeroed, num_classes = open_vocabulary_batch(**case)
+    class_ids = torch.tensor([[0, 1, case["classes"] - 1, -1]] * case["batch"])
+    requested = torch.tensor([[1, 2, 1, 0]] * case["batch"])
+    options = (0.05, 0.45, 100, 1000, containment)
+    got = box_match(padded, class_ids, requested, *options, num_classes)
+    want = box_match(zeroed, class_ids, requested, *options, num_classes)
+    for field in got._fields:
+        assert torch.equal(getattr(got, field), getattr(want, field)), field
+    assert got.num_kept.sum() > 0 and (got.num_kept[num_classes == 0] == 0).all()
+    # Each image alone, cropped to its real columns, keeps the same detections.
+    for b, count in enumerate(num_classes.tolist()):
+        if count == 0:
+            continue
+        alone = box_match(padded[b : b + 1, :, : 4 + count], class_ids[b : b + 1], requested[b : b + 1], *options)
+        for field in ("keep_indices", "keep_boxes", "keep_scores", "keep_classes", "num_kept", "counts"):
+            assert torch.equal(getattr(alone, field)[0], getattr(got, field)[b]), (b, field)
+
+
+@pytest.mark.parametrize("containment", [1.0, 0.5])
+def test_num_classes_none_equals_full_counts(containment):
+    candidates = random_candidates(3, 120, 4, seed=24)
+    slots = (torch.tensor([[0, 3, -1]] * 3), torch.tensor([[1, 2, 0]] * 3))
+    full = box_match(candidates, *slots, 0.05, 0.45, 100, 1000, containment, torch.tensor([4, 4, 4]))
+    default = box_match(candidates, *slots, 0.05, 0.45, 100, 1000, containment)
+    assert default.num_kept.sum() > 0
+    for field in full._fields:
+        assert torch.equal(getattr(full, field), getattr(default, field)), field
+
+
+@pytest.mark.parametrize("conf", [0.25, -5.0, float("-inf")])
+def test_num_classes_zero_keeps_nothing(conf):
+    # Whatever the threshold (even one every score passes), an image without score columns keeps nothing.
+    candidates = random_candidates(2, 30, 3, seed=25)
+    candidates[..., 4:] = 0.9
+    match = box_match(
+        candidates, torch.tensor([[0, 1]] * 2), torch.tensor([[0, 1]] * 2), conf, num_classes=torch.tensor([0, 3])
+    )
+    assert match.num_kept[0] == 0 and match.num_kept[1] > 0
+    assert (match.keep_indices[0] == -1).all() and (match.keep_classes[0] == -1).all()
+    assert (match.keep_scores[0] == 0).all() and (match.keep_boxes[0] == 0).all()
+    assert match.counts[0].tolist() == [0, 0] and match.confidence_mean[0].tolist() == [0.0, 0.0]
+    # P(count = 0) = 1 and P(count >= 1) = 0 (up to the FFT's rounding: the batch's other image kept boxes).
+    assert match.p_exact[0].tolist() == pytest.approx([1.0, 0.0], abs=1e-12)
+    assert match.p_at_least[0].tolist() == pytest.approx([1.0, 0.0], abs=1e-12)
+
+
+# For candidates [2, 5, 4 + 3]: num_classes that both backends reject, and the start of their message.
+INVALID_NUM_CLASSES = {
+    "one count too many": (torch.tensor([3, 3, 3]), "num_classes must be a [B] = [2] int64 tensor"),
+    "[B, 1]": (torch.tensor([[3], [3]]), "num_classes must be a [B] = [2] int64 tensor"),
+    "float": (torch.tensor([3.0, 1.0]), "num_classes must be a [B] = [2] int64 tensor"),
+    "int32": (torch.tensor([3, 1], dtype=torch.int32), "num_classes must be a [B] = [2] int64 tensor"),
+    "a list": ([3, 1], "num_classes must be a [B] = [2] int64 tensor"),
+    "negative": (torch.tensor([3, -1]), "num_classes must lie in [0, C] = [0, 3]"),
+    "above C": (torch.tensor([4, 1]), "num_classes must lie in [0, C] = [0, 3]"),
+}
+
+
+@pytest.mark.parametrize("num_classes, message", INVALID_NUM_CLASSES.values(), ids=INVALID_NUM_CLASSES.keys())
+def test_invalid_num_classes_raise(num_classes, message):
+    slots = (torch.zeros(2, 1, dtype=torch.int64), torch.zeros(2, 1, dtype=torch.int64))
+    with pytest.raises(ValueError) as error:
+        box_match(torch.zeros(2, 5, 7), *slots, num_classes=num_classes)
+    assert str(error.value).startswith(message)

@@ -9,6 +9,7 @@ import os
 # these tests run the kernels on CPU tensors, so they need the interpreter either way.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import inspect  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 
@@ -24,7 +25,13 @@ from rewardscope.kernels import reference  # noqa: E402
 from rewardscope.kernels.ops import BoxMatch, LayoutMatch  # noqa: E402
 from rewardscope.kernels.triton.box_match import box_match as triton_box_match  # noqa: E402
 from rewardscope.kernels.triton.layout_match import layout_match as triton_layout_match  # noqa: E402
-from test_kernels_reference import CONTAINMENT_CASES, assert_keeps_what_batched_nms_keeps, boxes_of_one_image  # noqa: E402
+from test_kernels_reference import (  # noqa: E402
+    CONTAINMENT_CASES,
+    INVALID_NUM_CLASSES,
+    assert_keeps_what_batched_nms_keeps,
+    boxes_of_one_image,
+    open_vocabulary_batch,
+)
 
 BOX_MATCH_BACKENDS = {"triton": triton_box_match, "reference": reference.box_match}
 LAYOUT_MATCH_BACKENDS = {"triton": triton_layout_match, "reference": reference.layout_match}
@@ -312,6 +319,56 @@ def test_triton_box_match_rejects_malformed_shapes_like_the_reference():
             box_match(torch.zeros(1, 5, 6), torch.zeros(1, 2, dtype=torch.int64), torch.zeros(1, 3, dtype=torch.int64))
 
 
+# Per-image class counts: C = the longest query list, columns >= num_classes[b] padding (garbage here).
+OPEN_VOCABULARY_CASES = {
+    "3 columns, counts 0 / 1 / 3": dict(batch=3, num=100, classes=3, counts=[0, 1, 3]),
+    # 70 columns are three 32-column chunks: 70 reads all three, 33 one column of the second, 64 exactly two.
+    "70 columns, counts 1 / 70 / 33": dict(batch=3, num=80, classes=70, counts=[1, 70, 33]),
+    "70 columns, counts 64 / 0": dict(batch=2, num=60, classes=70, counts=[64, 0]),
+    "5 columns, random counts": dict(batch=3, num=150, classes=5, counts="random"),
+}
+
+
+@pytest.mark.parametrize("containment", [1.0, 0.5])
+@pytest.mark.parametrize("case", OPEN_VOCABULARY_CASES.values(), ids=OPEN_VOCABULARY_CASES.keys())
+def test_triton_box_match_with_num_classes_equals_reference(case, containment):
+    counts = case["counts"]
+    if counts == "random":
+        counts = torch.randint(0, case["classes"] + 1, (case["batch"],), generator=torch.Generator().manual_seed(5))
+        counts = counts.tolist()
+    seed = len(str(case))
+    candidates, zeroed, num_classes = open_vocabulary_batch(case["batch"], case["num"], case["classes"], seed, counts)
+    class_ids, requested = prompt_slots(case["batch"], case["classes"])
+    options = (0.05, 0.45, 100, 1000, containment)
+    got = triton_box_match(candidates, class_ids, requested, *options, num_classes)
+    want = reference.box_match(candidates, class_ids, requested, *options, num_classes)
+    assert_box_matches_agree(got, want)
+    # Kept classes are read from the real columns (padding zeroed: below every kept score).
+    assert_kept_rows_are_consistent(got, zeroed, 100)
+    assert (got.num_kept[num_classes == 0] == 0).all() and got.num_kept.sum() > 0
+
+
+@pytest.mark.parametrize("conf", [0.25, -5.0, float("-inf")])
+def test_triton_image_without_columns_keeps_nothing_at_any_threshold(conf):
+    # Its rows score -inf, not -1: a threshold below -1 (every real row passes it) does not let them through.
+    candidates = make_candidates(2, 20, 3, seed=7)
+    slots = (torch.tensor([[0, 1]] * 2), torch.tensor([[1, 1]] * 2))
+    got = triton_box_match(candidates, *slots, conf, num_classes=torch.tensor([0, 3]))
+    assert_box_matches_agree(got, reference.box_match(candidates, *slots, conf, num_classes=torch.tensor([0, 3])))
+    assert got.num_kept[0] == 0 and (got.keep_indices[0] == -1).all() and got.num_kept[1] > 0
+
+
+@pytest.mark.parametrize("num_classes, message", INVALID_NUM_CLASSES.values(), ids=INVALID_NUM_CLASSES.keys())
+def test_both_backends_reject_the_same_num_classes(num_classes, message):
+    slots = (torch.zeros(2, 1, dtype=torch.int64), torch.zeros(2, 1, dtype=torch.int64))
+    messages = []
+    for box_match in BOX_MATCH_BACKENDS.values():
+        with pytest.raises(ValueError) as error:
+            box_match(torch.zeros(2, 5, 7), *slots, num_classes=num_classes)
+        messages.append(str(error.value))
+    assert messages[0] == messages[1] and messages[0].startswith(message)
+
+
 # layout_match ---------------------------------------------------------------------------------------------
 
 
@@ -491,6 +548,20 @@ def test_both_dispatched_backends_give_the_same_result(calls):
     assert_box_matches_agree(
         kernel_ops.box_match(*inputs, backend="triton"), kernel_ops.box_match(*inputs, backend="reference")
     )
+
+
+def test_dispatched_box_match_takes_num_classes_on_both_backends(calls):
+    # Both backends declare it (the Triton twin through takes_arguments_of), and the dispatch exposes it.
+    parameters = list(inspect.signature(triton_box_match).parameters)
+    assert parameters[-1] == "num_classes"
+    assert list(inspect.signature(kernel_ops.box_match).parameters) == [*parameters, "backend"]
+    candidates, zeroed, num_classes = open_vocabulary_batch(2, 12, 3, seed=6, counts=[1, 3])
+    slots = (torch.tensor([[0, 2]] * 2), torch.tensor([[1, 1]] * 2))
+    got = kernel_ops.box_match(candidates, *slots, 0.05, num_classes=num_classes, backend="triton")
+    want = kernel_ops.box_match(candidates, *slots, 0.05, num_classes=num_classes, backend="reference")
+    assert calls == [("triton", "box_match"), ("reference", "box_match")]
+    assert_box_matches_agree(got, want)
+    assert got.num_kept.sum() > 0 and got.counts[0, 1] == 0  # image 0 has no class 2
 
 
 @pytest.mark.parametrize(

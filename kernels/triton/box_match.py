@@ -3,7 +3,8 @@ prompt class) count / confidence / soft count. Same signature and results as ker
 
 Stages (B images, N candidates, C classes, T = min(pre_nms_topk, N), W = ceil(T / 64) mask words per row,
 M = max_detections, K prompt slots; s = bytes per candidate element):
-  1. _best_class_kernel   [B, ceil(N / 128)]  candidates -> score (thresholded) and class per candidate
+  1. _best_class_kernel   [B, ceil(N / 128)]  candidates -> score (thresholded) and class per candidate, over
+                                               the image's first num_classes[b] columns when given
   2. torch.topk           per image            scores -> T candidates in descending score (the tie order)
   3. _iou_mask_kernel     [B, T / 16, W]       16 x 64 strips of "row suppresses column" bits (IoU or
                                                containment), same class only
@@ -57,6 +58,7 @@ def _to_output(x, ptr):
 def _best_class_kernel(
     candidates_ptr,
     conf_ptr,
+    num_classes_ptr,
     scores_ptr,
     classes_ptr,
     num_candidates,
@@ -66,26 +68,38 @@ def _best_class_kernel(
     stride_c,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    PER_IMAGE: tl.constexpr,
 ):
     # Stage 1. Grid [B, ceil(N / BLOCK_N)]: one program scans BLOCK_N candidates of one image, loading the
     # class scores in [BLOCK_N, BLOCK_C] tiles and keeping a running max and first argmax (torch.max's tie
     # rule: the lowest class index). Scores not above conf_threshold become -1 (as in the reference).
-    # Traffic per image: reads N * C * s (the box columns are skipped), writes N * (s + 4).
+    # PER_IMAGE (box_match got num_classes): the image's count c_b is read from num_classes_ptr and only its
+    # first c_b columns are loaded (padding columns are masked off, chunks past c_b not visited); an image
+    # with c_b = 0 gets score -inf on every row (above no threshold: never kept), as in the reference.
+    # Otherwise c_b = C (the num_classes argument) and num_classes_ptr is not read.
+    # Traffic per image: reads N * c_b * s (the box columns are skipped) + 8 per program when PER_IMAGE,
+    # writes N * (s + 4).
     image = tl.program_id(0).to(tl.int64)
+    if PER_IMAGE:
+        image_classes = tl.load(num_classes_ptr + image).to(tl.int32)
+    else:
+        image_classes = num_classes
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < num_candidates
     row_ptr = candidates_ptr + image * stride_b + rows.to(tl.int64)[:, None] * stride_n + 4 * stride_c
     cols = tl.arange(0, BLOCK_C)
     tile = tl.load(
-        row_ptr + cols[None, :] * stride_c, mask=row_ok[:, None] & (cols[None, :] < num_classes), other=float("-inf")
+        row_ptr + cols[None, :] * stride_c,
+        mask=row_ok[:, None] & (cols[None, :] < image_classes),
+        other=float("-inf"),
     )
     tile = _exact_float(tile)
     best, best_class = tl.max(tile, 1, return_indices=True, return_indices_tie_break_left=True)
-    for start in range(BLOCK_C, num_classes, BLOCK_C):
+    for start in range(BLOCK_C, image_classes, BLOCK_C):
         chunk_cols = start + cols
         tile = tl.load(
             row_ptr + chunk_cols[None, :] * stride_c,
-            mask=row_ok[:, None] & (chunk_cols[None, :] < num_classes),
+            mask=row_ok[:, None] & (chunk_cols[None, :] < image_classes),
             other=float("-inf"),
         )
         tile = _exact_float(tile)
@@ -95,6 +109,8 @@ def _best_class_kernel(
         best_class = tl.where(better, chunk_class + start, best_class)
     conf = _exact_float(tl.load(conf_ptr))  # rounded to the candidates' dtype, like torch's comparison
     score = tl.where(best > conf, best, -1.0)
+    if PER_IMAGE:
+        score = tl.where(image_classes > 0, score, float("-inf"))
     tl.store(scores_ptr + image * num_candidates + rows, score, mask=row_ok)
     tl.store(classes_ptr + image * num_candidates + rows, best_class.to(tl.int32), mask=row_ok)
 
@@ -429,22 +445,26 @@ def box_match(
     max_detections,
     pre_nms_topk,
     containment_threshold,
+    num_classes,
 ):
     """Detections -> per-(image, prompt class) counts, confidences and soft counts (see reference.box_match).
 
     candidates [B, N, 4 + C] (any float dtype, any strides); class_ids [B, K] int64 (-1 padding);
     requested [B, K] int64. containment_threshold < 1 also merges a same-class box lying more than that
     fraction inside a kept one (intersection / the smaller area), the duplicate rule of T2I-CompBench's
-    numeracy evaluation; 1 (the default) never fires and skips the test. Kept detections, their order and
-    tie-breaking match the reference exactly; the float outputs agree to rounding.
+    numeracy evaluation; 1 (the default) never fires and skips the test. num_classes [B] int64 (each in
+    [0, C]) or None (all C): image b's best class is taken over its first num_classes[b] score columns, the
+    padding after them is never read; checking its range costs one device sync. Kept detections, their order
+    and tie-breaking match the reference exactly; the float outputs agree to rounding.
     """
     if candidates.ndim != 3 or candidates.shape[-1] < 5:
         raise ValueError(f"candidates must be [B, N, 4 + C], got {tuple(candidates.shape)}")
     if class_ids.shape != requested.shape or class_ids.shape[0] != candidates.shape[0]:
         raise ValueError(f"class_ids {tuple(class_ids.shape)} and requested must both be [B, K]")
-    check_device(INTERPRETED, candidates, class_ids, requested)
+    reference.check_num_classes(num_classes, candidates)
+    check_device(INTERPRETED, candidates, class_ids, requested, *([] if num_classes is None else [num_classes]))
     batch, num_candidates, width = candidates.shape
-    num_classes, num_slots = width - 4, class_ids.shape[1]
+    total_classes, num_slots = width - 4, class_ids.shape[1]
     device, dtype = candidates.device, candidates.dtype
     class_ids = class_ids.to(torch.int64).contiguous()
     requested = requested.to(torch.int64).contiguous()
@@ -475,13 +495,15 @@ def box_match(
         _best_class_kernel[(batch, triton.cdiv(num_candidates, CANDIDATE_BLOCK))](
             candidates,
             conf,
+            conf if num_classes is None else num_classes.contiguous(),  # not read when PER_IMAGE is False
             scores,
             classes,
             num_candidates,
-            num_classes,
+            total_classes,
             *strides,
             BLOCK_N=CANDIDATE_BLOCK,
             BLOCK_C=CLASS_BLOCK,
+            PER_IMAGE=num_classes is not None,
             num_warps=8,
         )
         # The same call as the reference on the same scores: the same order, ties included.
