@@ -28,6 +28,20 @@ from typing import Any
 #   ("a pair of skis", "a pair of scissors" is one detection).
 # - "no X", "zero X" and "without X" become exclude constraints with count 1 (X must be absent).
 # - parse_prompt never adds GenEval's counting exclude (n + 1 for "n Xs"); to_geneval_metadata adds it.
+#
+# Open vocabulary (parse_prompt(..., open_vocabulary=True), for detectors that take text queries):
+# - The vocabulary still names what it knows ("a table" is "dining table", "a teddy bear" is one object), so
+#   the objects of vocabulary classes are the closed parse's; the one exception is a relation cycle through
+#   an open-vocabulary object, which drops the relation that would close it.
+# - A noun phrase without a vocabulary word becomes an object named by its last noun, singular ("three
+#   peaches": peach x 3), counted, negated, related and referred back to ("the lamp") by the rules above.
+#   Compounds are not joined: "a street lamp" is a lamp with the attribute "street".
+# - Every object and exclude carries the phrase's other words before its head noun, colour aside, as
+#   attributes ("two fluffy white rabbits": rabbit x 2, white, ("fluffy",)); a closed parse leaves them
+#   empty, so its specs compare as before. Attributes take no part in "the X" back-references.
+# - Stay in `unknown`: uncountable nouns (masses, materials, places, weather, media: "in the snow", "a
+#   field", "a sculpture") and a bare singular without a quantifier ("a cup of coffee", "made of wood",
+#   "Paris"), which English uses for masses and names. A bare plural ("candles") still counts 2.
 
 # The word lists are data (models/prompt_words.json); this module holds the rules that use them.
 _WORDS: dict[str, Any] = json.loads((Path(__file__).with_name("prompt_words.json")).read_text(encoding="utf-8"))
@@ -82,16 +96,21 @@ class Relation:
 
 @dataclass(frozen=True)
 class ObjectSpec:
-    """One requested object group: a vocabulary class, how many, and optionally a colour and a relation."""
+    """One requested object group: a vocabulary class (with an open vocabulary, any head noun), how many, and
+    optionally a colour, a relation and the phrase's other modifier words ("wooden" in "three wooden chairs")."""
 
     class_name: str
     count: int
     color: str | None = None
     relation: Relation | None = None
+    attributes: tuple[str, ...] = ()  # filled by open-vocabulary parses only; in prompt order
 
     def __post_init__(self) -> None:
         if self.count < 1:
             raise ValueError(f"count for {self.class_name!r} must be >= 1, got {self.count}")
+        if not isinstance(self.attributes, tuple):
+            # A bare string would pass for a tuple of one-letter attributes.
+            raise TypeError(f"attributes must be a tuple of words, got {type(self.attributes).__name__}")
 
 
 @dataclass(frozen=True)
@@ -100,7 +119,9 @@ class ParsedPrompt:
 
     prompt: str
     objects: tuple[ObjectSpec, ...]
-    unknown: tuple[str, ...]  # nouns outside the vocabulary, singular, first mention order
+    # Nouns that became neither an object nor an exclude, singular, first mention order: outside the vocabulary
+    # (closed parse) or uncountable (open parse).
+    unknown: tuple[str, ...]
     exclude: tuple[ObjectSpec, ...] = ()  # satisfied when fewer than `count` of the class are detected
 
 
@@ -222,6 +243,10 @@ _SYNONYMS: dict[str, tuple[str, ...]] = {name: tuple(words) for name, words in _
 
 # Classes whose one detection is a pair, so "a pair of" asks for one of them.
 _PAIR_CLASSES = frozenset(_WORDS["pair_classes"])
+
+# Nouns an open-vocabulary parse still reports as unknown: masses, materials, places, weather, media and
+# styles, which no detector counts ("a fox in the snow" asks for one fox, not one snow).
+_UNCOUNTABLE_NOUNS = frozenset(_WORDS["uncountable_nouns"])
 
 _SINGULAR_OVERRIDES: dict[str, str] = _WORDS["singular_overrides"]
 # inflect strips the "s" of these singulars ("bus" -> "bu"), so they are never singularised.
@@ -405,11 +430,16 @@ class _DraftObject:
     count: int
     color: str | None
     relation: Relation | None = None
+    attributes: tuple[str, ...] = ()
+
+    def spec(self) -> ObjectSpec:
+        return ObjectSpec(self.class_name, self.count, self.color, self.relation, self.attributes)
 
 
 class _PromptParser:
-    def __init__(self, lexicon: _Lexicon) -> None:
+    def __init__(self, lexicon: _Lexicon, open_vocabulary: bool = False) -> None:
         self.lexicon = lexicon
+        self.open_vocabulary = open_vocabulary
         self.objects: list[_DraftObject] = []
         self.exclude: list[ObjectSpec] = []
         self.unknown: list[str] = []
@@ -470,26 +500,30 @@ class _PromptParser:
             return None
         head = self._head(phrase.tokens)
         if head is None:
-            noun = next(
-                (
-                    token.lexeme.value
-                    for token in reversed(phrase.tokens)
-                    if token.lexeme.kind == _WORD and _looks_like_noun(token.lexeme.value)
-                ),
-                None,
-            )
-            if noun is not None:
-                singular = _singular(noun)
+            noun_index = self._last_noun(phrase.tokens)
+            if noun_index is None:
+                return phrase
+            noun = phrase.tokens[noun_index].lexeme.value
+            singular = _singular(noun)
+            if not (self.open_vocabulary and self._countable(phrase, noun, singular)):
                 if singular not in self.unknown:
                     self.unknown.append(singular)
                 self._noun_phrase_done(None)
-            return phrase
-        head_lexeme = phrase.tokens[head].lexeme
-        color = self._color_before(phrase.tokens, head)
+                return phrase
+            # Named and counted like a vocabulary word: plural when singularising changed it.
+            head, head_lexeme = noun_index, _Lexeme(_VOCAB, singular, plural=singular != noun)
+        else:
+            head_lexeme = phrase.tokens[head].lexeme
+        color_index = self._color_before(phrase.tokens, head)
+        color = None
+        if color_index is not None:
+            color_lexeme = phrase.tokens[color_index].lexeme
+            color = color_lexeme.value if color_lexeme.kind == _COLOR else color_lexeme.color
+        attributes = self._attributes(phrase.tokens, head, color_index) if self.open_vocabulary else ()
         count = self._count(phrase, head_lexeme)
         earlier = self._mentioned(head_lexeme.value, count, color) if phrase.mode == _DEFINITE else None
         if phrase.negated or phrase.mode == _NONE:
-            spec = ObjectSpec(head_lexeme.value, 1, color)
+            spec = ObjectSpec(head_lexeme.value, 1, color, attributes=attributes)
             if spec not in self.exclude:
                 self.exclude.append(spec)
             self._noun_phrase_done(None)
@@ -497,9 +531,17 @@ class _PromptParser:
             # "a bear above a clock and a dog below the clock": one clock, the target of both relations.
             self._noun_phrase_done(earlier)
         else:
-            self.objects.append(_DraftObject(head_lexeme.value, count, color))
+            self.objects.append(_DraftObject(head_lexeme.value, count, color, attributes=attributes))
             self._noun_phrase_done(len(self.objects) - 1)
         return phrase
+
+    @staticmethod
+    def _countable(phrase: _Phrase, noun: str, singular: str) -> bool:
+        """Whether an open-vocabulary head names things to count (see the conventions at the top)."""
+        if singular in _UNCOUNTABLE_NOUNS or noun in _UNCOUNTABLE_NOUNS:
+            return False
+        # Without a quantifier only a plural counts: a bare singular is a mass or a name ("coffee", "Paris").
+        return phrase.mode is not None or singular != noun
 
     def _mentioned(self, class_name: str, count: int, color: str | None) -> int | None:
         """The latest object of this class and count whose colour does not contradict `color`."""
@@ -553,13 +595,26 @@ class _PromptParser:
         return best
 
     @staticmethod
-    def _color_before(tokens: list[_Token], head: int) -> str | None:
-        for token in reversed(tokens[:head]):
-            if token.lexeme.kind == _COLOR:
-                return token.lexeme.value
-            if token.lexeme.kind == _VOCAB and token.lexeme.color is not None:
-                return token.lexeme.color
+    def _last_noun(tokens: list[_Token]) -> int | None:
+        """The head of a phrase without a vocabulary word: its last word that looks like a noun."""
+        for index in range(len(tokens) - 1, -1, -1):
+            lexeme = tokens[index].lexeme
+            if lexeme.kind == _WORD and _looks_like_noun(lexeme.value):
+                return index
         return None
+
+    @staticmethod
+    def _color_before(tokens: list[_Token], head: int) -> int | None:
+        """The index of the colour word nearest before the head, if any."""
+        for index in range(head - 1, -1, -1):
+            lexeme = tokens[index].lexeme
+            if lexeme.kind == _COLOR or (lexeme.kind == _VOCAB and lexeme.color is not None):
+                return index
+        return None
+
+    @staticmethod
+    def _attributes(tokens: list[_Token], head: int, color_index: int | None) -> tuple[str, ...]:
+        return tuple(" ".join(token.words) for index, token in enumerate(tokens[:head]) if index != color_index)
 
     @staticmethod
     def _count(phrase: _Phrase, head: _Lexeme) -> int:
@@ -570,13 +625,16 @@ class _PromptParser:
         return UNSPECIFIED_PLURAL_COUNT if head.plural else 1
 
 
-def parse_prompt(prompt: str, vocabulary: Sequence[str] = COCO_CLASSES) -> ParsedPrompt:
-    """Objects (class, count, colour, relation) a detector with `vocabulary` can check, plus unseen nouns."""
+def parse_prompt(prompt: str, vocabulary: Sequence[str] = COCO_CLASSES, open_vocabulary: bool = False) -> ParsedPrompt:
+    """Objects (class, count, colour, relation) a detector with `vocabulary` can check, plus unseen nouns.
+
+    With open_vocabulary=True (a detector that takes text queries) a countable noun outside the vocabulary
+    becomes an object too, named by its singular head noun, and every object carries its attributes."""
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
-    parser = _PromptParser(_lexicon(_vocabulary_key(vocabulary)))
+    parser = _PromptParser(_lexicon(_vocabulary_key(vocabulary)), open_vocabulary)
     parser.parse(prompt[:MAX_PROMPT_CHARS])
-    objects = tuple(ObjectSpec(o.class_name, o.count, o.color, o.relation) for o in parser.objects)
+    objects = tuple(draft.spec() for draft in parser.objects)
     return ParsedPrompt(prompt, objects, tuple(parser.unknown), tuple(parser.exclude))
 
 
@@ -717,8 +775,13 @@ def _checked_entry(entry: Any, where: str, allowed: frozenset[str]) -> Mapping:
     return entry
 
 
-def from_geneval_metadata(metadata: Mapping, vocabulary: Sequence[str] = COCO_CLASSES) -> ParsedPrompt:
-    """The ParsedPrompt for GenEval metadata (include order kept); ValueError on malformed metadata."""
+def from_geneval_metadata(
+    metadata: Mapping, vocabulary: Sequence[str] = COCO_CLASSES, open_vocabulary: bool = False
+) -> ParsedPrompt:
+    """The ParsedPrompt for GenEval metadata (include order kept); ValueError on malformed metadata.
+
+    A class outside the vocabulary is reported unknown, or with open_vocabulary=True kept as an object (or
+    exclude) named by that class, its last word singular ("dragons" is "dragon")."""
     if not isinstance(metadata, Mapping):
         raise ValueError(f"metadata must be an object, got {type(metadata).__name__}")
     prompt = metadata.get("prompt", "")
@@ -745,6 +808,8 @@ def from_geneval_metadata(metadata: Mapping, vocabulary: Sequence[str] = COCO_CL
         if lexeme is not None and lexeme.kind == _VOCAB:
             return lexeme.value
         noun = " ".join((*key[:-1], _singular(key[-1])))
+        if open_vocabulary:
+            return noun
         if noun not in unknown:
             unknown.append(noun)
         return None
@@ -779,5 +844,5 @@ def from_geneval_metadata(metadata: Mapping, vocabulary: Sequence[str] = COCO_CL
         if class_name is not None:
             excluded.append(ObjectSpec(class_name, count))
 
-    objects = tuple(ObjectSpec(d.class_name, d.count, d.color, d.relation) for d in drafts)
+    objects = tuple(draft.spec() for draft in drafts)
     return ParsedPrompt(prompt, objects, tuple(unknown), tuple(excluded))
