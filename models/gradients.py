@@ -2,10 +2,12 @@
 so training that back-propagates a reward into the image (ReFL, DRaFT, AlignProp) can call a remote reward.
 
 Each differentiable reward is built from a loaded Scorer reward and shares its models:
-- matching: the soft matching score on the detector's torch twin (TorchDetector). Category confidence C_k is the
-  probability-weighted mean of the kept detections' class-k scores (soft class assignment: a detection counts
-  towards every prompt class with that class's score), quantity confidence Q_k is P(count = n_k) under the
-  Poisson-binomial soft count of those scores, and the score is the F1 of their means, as in the soft variant.
+- matching: the soft matching score on the detector's torch twin (TorchDetector), or on an open-vocabulary
+  detector's own torch model (ZeroShotDetector.detect_pixels, queried with the prompt's nouns). Category
+  confidence C_k is the probability-weighted mean of the kept detections' class-k scores (soft class assignment:
+  a detection counts towards every prompt class with that class's score), quantity confidence Q_k is
+  P(count = n_k) under the Poisson-binomial soft count of those scores, and the score is the F1 of their means,
+  as in the soft variant.
   Detection *selection* (confidence floor, class-aware NMS, top-M) is a discrete choice: it is recomputed every
   forward and held fixed in the backward pass. The floor is lower than the scoring threshold (`selection_floor`,
   default 0.05) because an object the detector scores 0.2 must be in the set for its gradient to raise it.
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +31,7 @@ from rewardscope.kernels.reference import poisson_binomial
 from .clip import ClipBackbone, projected_features
 from .detection.matching import f1_score
 from .detection.torch_detector import TorchDetector
-from .prompt import parse_prompt
+from .prompt import ParsedPrompt, parse_prompt
 from .registry import declaration, declarations
 from .types import Unscorable
 
@@ -56,26 +58,37 @@ class SoftMatchingGradient:
 
     def __init__(
         self,
-        detector: TorchDetector,
+        detector: Any,
         iou_threshold: float = 0.45,
         max_detections: int = 100,
         selection_floor: float = SELECTION_FLOOR,
         kernels_backend: str | None = None,
+        parse: Callable[[str], ParsedPrompt] | None = None,
     ) -> None:
         self.detector = detector
         self.iou_threshold, self.max_detections = iou_threshold, max_detections
         self.selection_floor, self.kernels_backend = selection_floor, kernels_backend
+        # An open-vocabulary detector (ZeroShotDetector.detect_pixels) is asked each prompt's nouns as its queries.
+        self.open_vocabulary = bool(getattr(detector, "open_vocabulary", False))
+        self.parse = parse or (lambda prompt: parse_prompt(prompt, detector.class_names))
         self.class_index = {name: index for index, name in enumerate(detector.class_names)}
         self.version = f"{detector.version}+soft-grad"
 
-    def _plan(self, prompt: str) -> tuple[list[int], list[int]]:
-        parsed = parse_prompt(prompt, self.detector.class_names)
+    def _plan(self, prompt: str) -> tuple[list[int], list[int], tuple[str, ...]]:
+        """(class id per object, requested counts, the class names the ids index)."""
+        parsed = self.parse(prompt)
         if not parsed.objects:
-            raise Unscorable("no_countable_object", "prompt names no object the detector knows")
-        return [self.class_index[s.class_name] for s in parsed.objects], [s.count for s in parsed.objects]
+            known = "countable object" if self.open_vocabulary else "object the detector knows"
+            raise Unscorable("no_countable_object", f"prompt names no {known}")
+        if not self.open_vocabulary:
+            ids = [self.class_index[s.class_name] for s in parsed.objects]
+            return ids, [s.count for s in parsed.objects], self.detector.class_names
+        names = tuple(dict.fromkeys(s.class_name for s in parsed.objects))
+        ids = [names.index(s.class_name) for s in parsed.objects]
+        return ids, [s.count for s in parsed.objects], names
 
     def __call__(self, pixels: torch.Tensor, prompts: Sequence[str]) -> GradientOutput:
-        plans: dict[int, tuple[list[int], list[int]]] = {}
+        plans: dict[int, tuple[list[int], list[int], tuple[str, ...]]] = {}
         errors: dict[int, tuple[str, str]] = {}
         for row, prompt in enumerate(prompts):
             try:
@@ -83,14 +96,24 @@ class SoftMatchingGradient:
             except Unscorable as exc:
                 errors[row] = (exc.code, str(exc))
         batch = pixels.shape[0]
+        # Closed vocabulary: every row runs (one class list). Open: only the rows with queries run the detector.
+        rows = list(range(batch)) if not self.open_vocabulary else sorted(plans)
+        if not rows:
+            return GradientOutput(torch.zeros(batch, dtype=torch.float64), errors, [{} for _ in range(batch)])
         width = max((len(plan[0]) for plan in plans.values()), default=1)
-        class_ids = torch.full((batch, width), -1, dtype=torch.int64)
-        requested = torch.zeros((batch, width), dtype=torch.int64)
-        for row, (ids, counts) in plans.items():
-            class_ids[row, : len(ids)] = torch.tensor(ids)
-            requested[row, : len(counts)] = torch.tensor(counts)
+        class_ids = torch.full((len(rows), width), -1, dtype=torch.int64)
+        requested = torch.zeros((len(rows), width), dtype=torch.int64)
+        for position, row in enumerate(rows):
+            if row in plans:
+                ids, counts, _ = plans[row]
+                class_ids[position, : len(ids)] = torch.tensor(ids)
+                requested[position, : len(counts)] = torch.tensor(counts)
 
-        candidates = self.detector.detect(pixels)  # [B, N, 4 + C], in the graph
+        num_classes = None
+        if self.open_vocabulary:  # [R, N, 4 + Q] in the graph, and each row's query count
+            candidates, num_classes = self.detector.detect_pixels(pixels[rows], [plans[row][2] for row in rows])
+        else:
+            candidates = self.detector.detect(pixels)  # [B, N, 4 + C], in the graph
         with torch.no_grad():  # the discrete selection: fixed in the backward pass
             selection = kernel_ops.box_match(
                 candidates.detach().float(),
@@ -99,10 +122,18 @@ class SoftMatchingGradient:
                 self.selection_floor,
                 self.iou_threshold,
                 self.max_detections,
+                num_classes=num_classes,
                 backend=self.kernels_backend,
             )
         values, details = soft_matching(candidates[..., 4:], selection.keep_indices, class_ids, requested)
-        return GradientOutput(values, errors, details)
+        if len(rows) == batch:
+            return GradientOutput(values, errors, details)
+        index = torch.tensor(rows, dtype=torch.int64)
+        spread = torch.zeros(batch, dtype=values.dtype, device=values.device).index_put((index,), values)
+        all_details: list[dict[str, Any]] = [{} for _ in range(batch)]
+        for position, row in enumerate(rows):
+            all_details[row] = details[position]
+        return GradientOutput(spread, errors, all_details)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -221,7 +252,16 @@ def gradient_reward(name: str, reward: Any, torch_detector: dict[str, Any] | Non
 
 
 def matching_gradient(name: str, reward: Any, torch_detector: dict[str, Any] | None = None) -> SoftMatchingGradient:
-    """A matching reward's soft, differentiable form on its detector's torch twin."""
+    """A matching reward's soft, differentiable form on its detector's torch twin (an open-vocabulary detector is a
+    torch model itself: its detect_pixels is the differentiable path)."""
+    if getattr(reward, "open_vocabulary", False):
+        return SoftMatchingGradient(
+            reward.detector,
+            reward.iou_threshold,
+            reward.max_detections,
+            kernels_backend=reward.kernels_backend,
+            parse=reward._parse,
+        )
     detector = TorchDetector.from_ultralytics(**torch_detector) if torch_detector else reward.detector.torch_twin()
     if detector is None:
         raise NotDifferentiableError(

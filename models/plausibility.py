@@ -1,11 +1,14 @@
-"""Scene-plausibility reward (FineRewards' SAM reward): label the image's regions with the detector's kept
-boxes, ask a causal language model how likely each label is in the prompted scene, weight by region area."""
+"""Scene-plausibility reward (FineRewards' SAM reward): label the image's regions (the detector's kept boxes, or
+segmenter masks named by CLIP or the detector), ask a causal language model how likely each label is in the
+prompted scene, weight by region area."""
 
 from __future__ import annotations
 
 import functools
 import threading
 from collections import OrderedDict
+from collections.abc import Collection
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,12 +27,24 @@ from .hf import (
     yes_probability,
 )
 from .prompt import parse_prompt
+from .regions import (
+    DEFAULT_MAX_MASKS,
+    FASTSAM_CONF_THRESHOLD,
+    FASTSAM_IOU_THRESHOLD,
+    ClipRegionLabeller,
+    DetectorRegionLabeller,
+    FastSamSegmenter,
+    RegionLabeller,
+    union_area,
+)
 from .registry import RewardDeclaration, register_reward
 from .types import RewardOutput, Sample, Unscorable, score_planned
 
 DEFAULT_LANGUAGE_MODEL = "Qwen/Qwen2.5-0.5B"
 # {a_label}: the label with its article ("an apple"); {label} and {prompt} are also available.
 DEFAULT_TEMPLATE = "Question: Would {a_label} appear in a picture of: {prompt}? Answer:"
+REGION_MODES = ("boxes", "masks")
+REGION_LABELLERS = ("clip", "detector")
 
 
 @functools.cache
@@ -103,9 +118,15 @@ def load_language_model(spec: str, device: str, dtype: str, batch_size: int, cac
 
 
 class PlausibilityReward:
-    """Area-weighted mean over the image's detected region labels of P(label appears in the prompted scene),
-    in [0, 1]; higher is better. Labels the prompt names count as 1.0 without asking the model. An image with
-    no detected region has nothing to judge: error code "no_regions", no value."""
+    """Area-weighted mean over the image's region labels of P(label appears in the prompted scene), in [0, 1];
+    higher is better. Labels the prompt names count as 1.0 without asking the model. An image with no region
+    to judge: error code "no_regions", no value.
+
+    regions="boxes": the detector's kept boxes; a label's area is the sum of its boxes' areas. regions="masks":
+    the class-agnostic masks of `segmenter` (a FastSAM, or any ultralytics -seg, ONNX export), each named by CLIP
+    zero-shot among the prompt's nouns and the COCO classes (region_labels="clip", needs `clip_model`) or by the
+    detector's best-IoU detection (region_labels="detector"; a mask it cannot name is left out); a label's area is
+    the union of its masks' pixels. With CLIP labels no detector is loaded and `detector` is unused."""
 
     name = "plausibility"
 
@@ -122,49 +143,101 @@ class PlausibilityReward:
         dtype: str = "auto",
         cache_size: int = 4096,
         kernels_backend: str | None = None,
+        regions: str = "boxes",
+        segmenter: str | None = None,
+        region_labels: str = "clip",
+        clip_model: str | None = None,
+        mask_conf_threshold: float = FASTSAM_CONF_THRESHOLD,
+        max_masks: int = DEFAULT_MAX_MASKS,
     ) -> None:
         if not 0 <= conf_threshold < 1 or not 0 < iou_threshold <= 1:
             raise ValueError("conf_threshold must be in [0, 1) and iou_threshold in (0, 1]")
+        check_region_options(regions, segmenter, region_labels, clip_model, mask_conf_threshold, max_masks)
         try:
             template.format(label="dog", a_label="a dog", prompt="a dog")
         except (KeyError, IndexError) as exc:
             raise ValueError(f"template may use only {{label}}, {{a_label}} and {{prompt}}: {exc}") from None
         self.template, self.kernels_backend = template, kernels_backend
         self.conf_threshold, self.iou_threshold, self.max_detections = conf_threshold, iou_threshold, max_detections
+        self.regions, self.region_labels = regions, region_labels
         self.batch_size = max(1, batch_size)
         # The default runtime config: the same ONNX session as the matching reward's, not a second one.
-        self.detector = load_detector(detector, DetectorConfig())
-        self.judge = load_language_model(
-            str(language_model), str(choose_device(device)), dtype, self.batch_size, cache_size
+        uses_detector = regions == "boxes" or region_labels == "detector"
+        self.detector = load_detector(detector, DetectorConfig()) if uses_detector else None
+        if regions == "boxes" and getattr(self.detector, "open_vocabulary", False):
+            raise ValueError(
+                "regions='boxes' labels boxes with the detector's class list, and an open-vocabulary detector has "
+                "none: use regions='masks' with region_labels='detector' (it is queried with the prompt's nouns "
+                "and the COCO names)"
+            )
+        torch_device = choose_device(device)
+        self.judge = load_language_model(str(language_model), str(torch_device), dtype, self.batch_size, cache_size)
+        self.segmenter: FastSamSegmenter | None = None
+        self.labeller: RegionLabeller | None = None
+        if regions == "boxes":
+            self.version = f"{self.judge.source.version}+{self.detector.version}"  # type: ignore[union-attr]
+            return
+        self.segmenter = FastSamSegmenter(
+            str(segmenter), mask_conf_threshold, FASTSAM_IOU_THRESHOLD, max_masks, kernels_backend=kernels_backend
         )
-        self.version = f"{self.judge.source.version}+{self.detector.version}"
+        if region_labels == "clip":
+            from .clip import load_clip
+
+            backbone = load_clip(str(clip_model), None, str(torch_device), dtype)
+            self.labeller = ClipRegionLabeller(backbone)
+        else:
+            self.labeller = DetectorRegionLabeller(
+                self.detector, conf_threshold, iou_threshold, max_detections, kernels_backend=kernels_backend
+            )
+        self.version = f"{self.judge.source.version}+masks:{self.segmenter.version}+{self.labeller.version}"
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "models": {"language_model": self.judge.source.describe(), "detector": self.detector.describe()},
-            "params": {
-                "template": self.template,
-                "conf_threshold": self.conf_threshold,
-                "iou_threshold": self.iou_threshold,
-                "max_detections": self.max_detections,
-                "regions": "detector boxes (SAM masks: not yet)",
-                "batch_size": self.batch_size,
-                "device": str(self.judge.device),
-                "answer_cache_size": self.judge.cache_size,
-            },
-            "precision": {"language_model": PRECISION[self.judge.dtype], "detector": "fp32"},
+        params: dict[str, Any] = {
+            "template": self.template,
+            "conf_threshold": self.conf_threshold,
+            "iou_threshold": self.iou_threshold,
+            "max_detections": self.max_detections,
+            "regions": self.regions,
+            "batch_size": self.batch_size,
+            "device": str(self.judge.device),
+            "answer_cache_size": self.judge.cache_size,
         }
+        models: dict[str, Any] = {"language_model": self.judge.source.describe()}
+        precision = {"language_model": PRECISION[self.judge.dtype]}
+        if self.segmenter is None or self.labeller is None:
+            assert self.detector is not None
+            models["detector"] = self.detector.describe()
+            precision["detector"] = "fp32"
+        else:
+            params["region_labels"] = self.region_labels
+            params["mask_conf_threshold"] = self.segmenter.conf_threshold
+            params["mask_iou_threshold"] = self.segmenter.iou_threshold
+            params["max_masks"] = self.segmenter.max_masks
+            models["segmenter"] = self.segmenter.describe()
+            models["region_labeller"] = self.labeller.describe()
+            precision["segmenter"] = "fp32"
+            if isinstance(self.labeller, ClipRegionLabeller):
+                precision["clip"] = PRECISION.get(self.labeller.backbone.dtype, str(self.labeller.backbone.dtype))
+            else:
+                precision["detector"] = "fp32"
+        return {"name": self.name, "version": self.version, "models": models, "params": params, "precision": precision}
 
     def _models(self) -> dict[str, str]:
-        return {"language_model": self.judge.source.version, "detector": self.detector.version}
+        if self.segmenter is None or self.labeller is None:
+            assert self.detector is not None
+            return {"language_model": self.judge.source.version, "detector": self.detector.version}
+        return {
+            "language_model": self.judge.source.version,
+            "segmenter": self.segmenter.version,
+            "region_labeller": self.labeller.version,
+        }
 
     def question(self, label: str, prompt: str) -> str:
         return self.template.format(label=label, a_label=_inflect().a(label), prompt=" ".join(prompt.split()))
 
     def _regions(self, samples: list[Sample]) -> list[dict[str, float]]:
         """Per image: label -> summed box area in pixels (overlapping boxes of one label count twice)."""
+        assert self.detector is not None
         candidates = self.detector([sample.image for sample in samples])
         no_slots = torch.full((len(samples), 1), -1, dtype=torch.int64)
         match = kernel_ops.box_match(
@@ -192,20 +265,56 @@ class PlausibilityReward:
             regions.append(labels)
         return regions
 
+    def _mask_regions(
+        self, samples: list[Sample], named: list[Collection[str]]
+    ) -> tuple[list[dict[str, float]], list[_MaskSummary]]:
+        """One segmenter pass and one labeller call for the chunk. Per image: label -> pixels in the union of its
+        masks (a pixel under two labels' masks counts for both), and what the masks were."""
+        assert self.segmenter is not None and self.labeller is not None
+        images = [sample.image for sample in samples]
+        regions = self.segmenter(images)
+        labels = self.labeller(images, [tuple(prompt_labels) for prompt_labels in named], regions)
+        areas, summaries = [], []
+        for image_regions, image_labels in zip(regions, labels, strict=True):
+            masks: dict[str, list[Any]] = {}
+            confidences: dict[str, list[float]] = {}
+            for region, label in zip(image_regions, image_labels, strict=True):
+                if label is not None:
+                    masks.setdefault(label.label, []).append(region.mask)
+                    confidences.setdefault(label.label, []).append(label.confidence)
+            areas.append({label: union_area(label_masks) for label, label_masks in masks.items()})
+            summaries.append(
+                _MaskSummary(
+                    segmented=len(image_regions),
+                    unlabelled=sum(label is None for label in image_labels),
+                    masks={label: len(label_masks) for label, label_masks in masks.items()},
+                    confidence={label: sum(values) / len(values) for label, values in confidences.items()},
+                )
+            )
+        return areas, summaries
+
     def score(self, samples: list[Sample]) -> list[RewardOutput]:
         return score_planned(samples, self._named_labels, self._score_chunk, self.batch_size, self._failure_details)
 
     def _failure_details(self) -> dict[str, Any]:
         return {"models": self._models()}
 
-    def _named_labels(self, sample: Sample) -> set[str]:
-        """The detector labels the prompt names itself (they need no judging)."""
+    def _named_labels(self, sample: Sample) -> Collection[str]:
+        """The region labels the prompt names itself (they need no judging): detector classes for boxes; for
+        masks, the labeller's prompt labels (CLIP: the prompt's nouns; the detector: the classes or queries)."""
         if not sample.prompt.strip():
             raise Unscorable("empty_prompt", "the prompt is empty: no scene to judge labels in")
+        if self.labeller is not None:
+            return self.labeller.prompt_labels(sample.prompt)
+        assert self.detector is not None
         return {spec.class_name for spec in parse_prompt(sample.prompt, self.detector.class_names).objects}
 
-    def _score_chunk(self, samples: list[Sample], named: list[set[str]]) -> list[RewardOutput]:
-        regions = self._regions(samples)
+    def _score_chunk(self, samples: list[Sample], named: list[Collection[str]]) -> list[RewardOutput]:
+        summaries: list[_MaskSummary] | None = None
+        if self.labeller is not None:
+            regions, summaries = self._mask_regions(samples, named)
+        else:
+            regions = self._regions(samples)
         asked = [
             self.question(label, sample.prompt)
             for sample, labels, prompt_labels in zip(samples, regions, named, strict=True)
@@ -214,11 +323,20 @@ class PlausibilityReward:
         ]
         answers = dict(zip(asked, self.judge(asked), strict=True)) if asked else {}
         outputs = []
-        for sample, labels, prompt_labels in zip(samples, regions, named, strict=True):
+        for row, (sample, labels, prompt_labels) in enumerate(zip(samples, regions, named, strict=True)):
+            summary = summaries[row] if summaries is not None else None
             details: dict[str, Any] = {"models": self._models()}
+            if summary is not None:
+                details["masks"] = {"segmented": summary.segmented, "unlabelled": summary.unlabelled}
             if not labels:
                 details["labels"] = []
-                outputs.append(RewardOutput(None, details, "no region was detected to judge", "no_regions"))
+                if summary is None:
+                    outputs.append(RewardOutput(None, details, "no region was detected to judge", "no_regions"))
+                elif summary.segmented == 0:
+                    outputs.append(RewardOutput(None, details, "no region was segmented to judge", "no_regions"))
+                else:
+                    message = f"none of the {summary.segmented} segmented regions could be labelled"
+                    outputs.append(RewardOutput(None, details, message, "no_regions"))
                 continue
             entries = []
             for label, area in labels.items():
@@ -227,6 +345,10 @@ class PlausibilityReward:
                 else:
                     likelihood = answers[self.question(label, sample.prompt)]
                     entries.append({"label": label, "area": area, "likelihood": likelihood, "source": "model"})
+                if summary is not None:
+                    entries[-1]["region"] = "mask"
+                    entries[-1]["masks"] = summary.masks[label]
+                    entries[-1]["label_confidence"] = summary.confidence[label]
             total_area = sum(entry["area"] for entry in entries)
             value = sum(entry["area"] * entry["likelihood"] for entry in entries) / total_area
             for entry in entries:
@@ -236,17 +358,60 @@ class PlausibilityReward:
         return outputs
 
 
+@dataclass(frozen=True)
+class _MaskSummary:
+    """One image's masks: how many were segmented and left unlabelled; per label its masks and mean label
+    confidence (CLIP's probability, or the matched detection's score)."""
+
+    segmented: int
+    unlabelled: int
+    masks: dict[str, int]
+    confidence: dict[str, float]
+
+
+def check_region_options(
+    regions: str,
+    segmenter: str | None,
+    region_labels: str,
+    clip_model: str | None,
+    mask_conf_threshold: float,
+    max_masks: int,
+) -> None:
+    """ValueError for a region option that is unknown, missing for its mode, or would be silently ignored."""
+    if regions not in REGION_MODES:
+        raise ValueError(f"regions must be one of {', '.join(REGION_MODES)}, got {regions!r}")
+    if region_labels not in REGION_LABELLERS:
+        raise ValueError(f"region_labels must be one of {', '.join(REGION_LABELLERS)}, got {region_labels!r}")
+    if regions == "boxes":
+        if segmenter is not None or clip_model is not None:
+            raise ValueError("segmenter and clip_model apply to regions='masks' only")
+        return
+    if not segmenter:
+        raise ValueError(
+            "regions='masks' needs segmenter: the path of a FastSAM (or other ultralytics -seg) ONNX export"
+        )
+    if region_labels == "clip" and not clip_model:
+        raise ValueError("region_labels='clip' needs clip_model: a CLIP model directory or hub id")
+    if region_labels == "detector" and clip_model is not None:
+        raise ValueError("clip_model applies to region_labels='clip' only")
+    if not 0 <= mask_conf_threshold < 1 or max_masks < 1:
+        raise ValueError("mask_conf_threshold must be in [0, 1) and max_masks at least 1")
+
+
 @register_reward(
     RewardDeclaration(
         "plausibility",
-        "a language model's P(yes) that each detected region's label belongs in the prompted scene",
+        "a language model's P(yes) that each image region's label (detector box, or segmenter mask named by CLIP or "
+        "the detector) belongs in the prompted scene",
         (0.0, 1.0),
-        "box-area-weighted mean of P(yes) normalised over yes/no, per detected label; 1 for labels the prompt names",
+        "box- or mask-area-weighted mean of P(yes) normalised over yes/no, per region label; 1 for labels the "
+        "prompt names",
         profile_keys=("conf_threshold", "iou_threshold"),
         uses_detector=True,
     )
 )
 def plausibility(**config: Any) -> PlausibilityReward:
     """Scene plausibility; config: language_model, detector, template, conf_threshold, iou_threshold,
-    max_detections, batch_size, device, dtype, cache_size, kernels_backend."""
+    max_detections, batch_size, device, dtype, cache_size, kernels_backend, regions ("boxes" | "masks"),
+    segmenter, region_labels ("clip" | "detector"), clip_model, mask_conf_threshold, max_masks."""
     return PlausibilityReward(**config)

@@ -16,6 +16,7 @@ import torch
 from rewardscope.kernels import ops as kernel_ops
 
 from ..prompt import (
+    COCO_CLASSES,
     GENEVAL_COLORS,
     ObjectSpec,
     ParsedPrompt,
@@ -34,6 +35,9 @@ GENEVAL_POSITION_THRESHOLD = 0.1
 # The IoU a detector's own post-processing suppresses at, when it does not say (YOLO family: Darknet's 0.45).
 DEFAULT_DETECTOR_NMS_IOU = 0.45
 DENOMINATORS = ("known_objects", "all_nouns")
+# Text queries one item may send an open-vocabulary detector (its prompt's distinct nouns): bounds the per-item
+# class columns a request can make the detector and box_match compute.
+MAX_OPEN_QUERIES = 32
 
 
 def f1_score(
@@ -161,7 +165,9 @@ def load_detector(
     detector: str | os.PathLike[str] | Detector | None, config: DetectorConfig, quantized: bool = False
 ) -> Detector:
     """A reward's `detector` option -> a Detector: None or "embedded" (the embedded YOLOv3-tiny), an ONNX path,
-    or a Detector object, used as it is. ONNX sessions are shared per (model, runtime config) per process.
+    a transformers model (a directory, or a hub id in the local HF cache): zero-shot families (OWL-ViT, OWLv2,
+    Grounding DINO) as an open-vocabulary ZeroShotDetector, closed-vocabulary ones as an HFDetector; or a Detector
+    object, used as it is. ONNX sessions are shared per (model, runtime config) per process.
     quantized: run the ONNX model's int8 twin (static quantization, built once and cached; a CPU speed option)."""
     if detector is not None and not isinstance(detector, (str, os.PathLike)):
         if not isinstance(detector, Detector):
@@ -170,7 +176,10 @@ def load_detector(
     name = str(detector) if detector is not None else None
     if name not in (None, "", EMBEDDED):
         from .hf_detector import is_transformers_detector, load_hf_detector
+        from .zero_shot import is_zero_shot_detector, load_zero_shot_detector
 
+        if is_zero_shot_detector(name):  # OWL-ViT, OWLv2, Grounding DINO: text queries, an open vocabulary
+            return load_zero_shot_detector(name, config, quantized)
         if is_transformers_detector(name):  # a transformers model directory, or a hub id in the local HF cache
             return load_hf_detector(name, config, quantized)
     return _onnx_detector(None if name in (None, "", EMBEDDED) else name, config, quantized)
@@ -197,6 +206,9 @@ class _Plan:
     requested: list[int]
     targets: list[tuple[int, list[float]]] | None = None  # layout variant: (class index, box x0 y0 x1 y1)
     conf: float = 0.0  # the detection confidence this item is judged at (GenEval: 0.9 for counting prompts)
+    # The item's class names, indexed by class_ids and by the detector's score columns: the detector's vocabulary,
+    # or for an open-vocabulary detector the item's own queries (its distinct nouns, in prompt order).
+    names: tuple[str, ...] = ()
 
 
 class MatchingReward:
@@ -226,6 +238,8 @@ class MatchingReward:
         color_model: str | None = None,
         color_processor: str | None = None,
         color_device: str | None = None,
+        color_segmenter: str | None = None,
+        color_mask_conf_threshold: float = 0.25,
     ) -> None:
         variants = matching_variants()
         if variant not in variants:
@@ -257,8 +271,13 @@ class MatchingReward:
         self.iou_threshold = (
             iou_threshold if iou_threshold is not None else getattr(self.detector, "nms_iou", DEFAULT_DETECTOR_NMS_IOU)
         )
-        self.vocabulary = self.detector.class_names
+        self.vocabulary = self.detector.class_names  # () for an open vocabulary
         self.class_index = {name: index for index, name in enumerate(self.vocabulary)}
+        # An open-vocabulary detector (ZeroShotDetector) is asked for each item's nouns as text queries. The parser
+        # still reads COCO's names (multi-word names, synonyms) as it does for the default detector, so a COCO
+        # object parses the same either way; every other countable noun becomes an object too.
+        self.open_vocabulary = bool(getattr(self.detector, "open_vocabulary", False))
+        self.parse_vocabulary = COCO_CLASSES if self.open_vocabulary else self.vocabulary
         self.version = self.detector.version
         # GenEval's colour attributes: CLIP zero-shot colour of each box crop (models/clip.py), when configured.
         self.color_classifier = None
@@ -267,6 +286,18 @@ class MatchingReward:
 
             self.color_classifier = ColorClassifier(load_clip(color_model, color_processor, color_device))
             self.version = f"{self.version}+colors:{self.color_classifier.backbone.version}"
+        # GenEval's colour check on the masks of a separate segmenter (a FastSAM-style ultralytics -seg export,
+        # models/regions.py), for detectors that give no masks of their own.
+        self.color_segmenter = None
+        if color_segmenter:
+            if self.color_classifier is None:
+                raise ValueError("color_segmenter gives masks for the colour check: it needs color_model too")
+            from ..regions import FastSamSegmenter
+
+            self.color_segmenter = FastSamSegmenter(
+                color_segmenter, conf_threshold=color_mask_conf_threshold, kernels_backend=kernels_backend
+            )
+            self.version = f"{self.version}+color_masks:{self.color_segmenter.version}"
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -274,7 +305,10 @@ class MatchingReward:
             "variant": self.variant,
             "version": self.version,
             "detector": self.detector.describe(),
+            # "open": each item's nouns are the detector's text queries; else the detector's fixed class list
+            "vocabulary": "open" if self.open_vocabulary else list(self.vocabulary),
             "color_model": self.color_classifier.backbone.describe() if self.color_classifier else None,
+            "color_segmenter": self.color_segmenter.describe() if self.color_segmenter else None,
             "params": {
                 "conf_threshold": self.conf_threshold,
                 "iou_threshold": self.iou_threshold,
@@ -310,7 +344,7 @@ class MatchingReward:
             if not isinstance(entry, dict) or set(entry) != {"class", "box"}:
                 raise ValueError("each layout target is {'class': name, 'box': [x0, y0, x1, y1]}")
             name, box = entry["class"], entry["box"]
-            resolved = parse_prompt(f"a {name}", self.vocabulary).objects if isinstance(name, str) else ()
+            resolved = self._parse(f"a {name}").objects if isinstance(name, str) else ()
             if len(resolved) != 1:
                 raise Unscorable("unknown_class", f"layout class {name!r} is not one the detector knows")
             if (
@@ -320,20 +354,46 @@ class MatchingReward:
                 or not (box[2] > box[0] and box[3] > box[1])
             ):
                 raise ValueError(f"layout box {box!r} must be 4 finite numbers x0 < x1, y0 < y1 (image pixels)")
-            targets.append((self.class_index[resolved[0].class_name], [float(v) for v in box]))
-        counts: dict[int, int] = {}
-        for class_id, _ in targets:
-            counts[class_id] = counts.get(class_id, 0) + 1
-        objects = tuple(ObjectSpec(self.vocabulary[c], n) for c, n in counts.items())
+            targets.append((resolved[0].class_name, [float(v) for v in box]))
+        counts: dict[str, int] = {}
+        for class_name, _ in targets:
+            counts[class_name] = counts.get(class_name, 0) + 1
+        objects = tuple(ObjectSpec(c, n) for c, n in counts.items())
+        names = self._names(objects)
+        index = {name: position for position, name in enumerate(names)}
         parsed = ParsedPrompt(sample.prompt, objects, ())
-        return _Plan(parsed, list(counts), list(counts.values()), targets, self.conf_threshold)
+        located = [(index[class_name], box) for class_name, box in targets]
+        return _Plan(
+            parsed, [index[c] for c in counts], list(counts.values()), located, self.conf_threshold, names=names
+        )
+
+    def _parse(self, prompt: str) -> ParsedPrompt:
+        if self.open_vocabulary:
+            return parse_prompt(prompt, self.parse_vocabulary, open_vocabulary=True)
+        return parse_prompt(prompt, self.parse_vocabulary)
+
+    def _names(self, slots: Any) -> tuple[str, ...]:
+        """The class names an item's class ids index: the detector's vocabulary, or with an open vocabulary the
+        item's distinct slot classes in order (its text queries)."""
+        if not self.open_vocabulary:
+            return self.vocabulary
+        names = tuple(dict.fromkeys(spec.class_name for spec in slots))
+        if len(names) > MAX_OPEN_QUERIES:
+            raise Unscorable(
+                "too_many_queries", f"the item names {len(names)} distinct objects; the limit is {MAX_OPEN_QUERIES}"
+            )
+        return names
 
     def _plan(self, sample: Sample) -> _Plan:
         if self.variant == "layout":
             return self._layout_plan(sample)
         metadata = sample.metadata or {}
         if "include" in metadata:
-            parsed = from_geneval_metadata(metadata, self.vocabulary)
+            parsed = (
+                from_geneval_metadata(metadata, self.parse_vocabulary, open_vocabulary=True)
+                if self.open_vocabulary
+                else from_geneval_metadata(metadata, self.parse_vocabulary)
+            )
             if self.variant == "geneval" and parsed.unknown:
                 # GenEval judges every include: one the detector cannot see makes the verdict unknowable.
                 raise Unscorable(
@@ -342,11 +402,19 @@ class MatchingReward:
                     "the image cannot be judged",
                 )
         else:
-            parsed = parse_prompt(sample.prompt, self.vocabulary)
+            parsed = self._parse(sample.prompt)
             if self.variant == "geneval":
                 # GenEval's form: relation targets first, counting prompts exclude n + 1.
-                parsed = from_geneval_metadata(to_geneval_metadata(parsed, self.vocabulary), self.vocabulary)
+                geneval_form = to_geneval_metadata(parsed, self.parse_vocabulary)
+                parsed = (
+                    from_geneval_metadata(geneval_form, self.parse_vocabulary, open_vocabulary=True)
+                    if self.open_vocabulary
+                    else from_geneval_metadata(geneval_form, self.parse_vocabulary)
+                )
         if not parsed.objects:
+            if self.open_vocabulary:
+                uncountable = f" (uncountable nouns: {', '.join(parsed.unknown)})" if parsed.unknown else ""
+                raise Unscorable("no_countable_object", f"prompt names no countable object{uncountable}")
             unknown = f" (nouns it cannot see: {', '.join(parsed.unknown)})" if parsed.unknown else ""
             raise Unscorable("no_countable_object", f"prompt names no object the detector knows{unknown}")
         colors = [spec.color for spec in parsed.objects if spec.color] if self.variant == "geneval" else []
@@ -361,9 +429,12 @@ class MatchingReward:
                 f"the prompt asks for {', '.join(sorted(set(colors)))}",
             )
         slots = list(parsed.objects) + (list(parsed.exclude) if self.variant == "geneval" else [])
-        ids, wanted = [self.class_index[s.class_name] for s in slots], [s.count for s in slots]
+        names = self._names(slots)
+        index = self.class_index if not self.open_vocabulary else {name: i for i, name in enumerate(names)}
+        ids, wanted = [index[s.class_name] for s in slots], [s.count for s in slots]
         counting = metadata.get("tag") == "counting" and self.counting_conf_threshold is not None
-        return _Plan(parsed, ids, wanted, conf=self.counting_conf_threshold if counting else self.conf_threshold)
+        conf = self.counting_conf_threshold if counting else self.conf_threshold
+        return _Plan(parsed, ids, wanted, conf=conf, names=names)
 
     def score(self, samples: list[Sample]) -> list[RewardOutput]:
         return score_planned(samples, self._plan, self._score_batch, self.batch_size, lambda: {"variant": self.variant})
@@ -372,20 +443,32 @@ class MatchingReward:
         """One detector pass for the chunk; then one box_match per confidence threshold the items are judged at."""
         images = [sample.image for sample in samples]
         # GenEval's colour check reads each object's mask where the detector gives masks (ultralytics -seg exports).
-        wants_masks = (
-            self.color_classifier is not None
-            and getattr(self.detector, "has_masks", False)
-            and any(spec.color for plan in plans for spec in plan.parsed.objects)
+        colored = self.color_classifier is not None and any(
+            spec.color for plan in plans for spec in plan.parsed.objects
         )
+        # A configured segmenter's masks take precedence over the detector's own (one pass per chunk).
+        segmented = self.color_segmenter(images) if colored and self.color_segmenter is not None else None
+        wants_masks = colored and segmented is None and getattr(self.detector, "has_masks", False)
         detections = self.detector.detect(images) if wants_masks else None  # type: ignore[attr-defined]
-        candidates = detections.candidates if detections is not None else self.detector(images)
+        num_classes = None  # open vocabulary: [B] score columns of each image's own queries (the rest is padding)
+        if self.open_vocabulary:
+            candidates, num_classes = self.detector.detect_queries(images, [plan.names for plan in plans])  # type: ignore[attr-defined]
+        else:
+            candidates = detections.candidates if detections is not None else self.detector(images)
         outputs: list[RewardOutput | None] = [None] * len(plans)
         thresholds = list(dict.fromkeys(plan.conf for plan in plans))
         for conf in thresholds:
             rows = [row for row, plan in enumerate(plans) if plan.conf == conf]
             chosen = candidates if len(thresholds) == 1 else candidates[rows]  # one threshold: no copy
-            masks = _MaskSource(self.detector, detections, rows) if detections is not None else None
-            group = self._score_group([samples[r] for r in rows], [plans[r] for r in rows], chosen, conf, masks)
+            columns = num_classes if num_classes is None or len(thresholds) == 1 else num_classes[rows]
+            masks: _MaskSource | _SegmenterMasks | None = None
+            if detections is not None:
+                masks = _MaskSource(self.detector, detections, rows)
+            elif segmented is not None:
+                masks = _SegmenterMasks([segmented[r] for r in rows], [images[r].size for r in rows])
+            group = self._score_group(
+                [samples[r] for r in rows], [plans[r] for r in rows], chosen, conf, masks, columns
+            )
             for row, output in zip(rows, group, strict=True):
                 outputs[row] = output
         return outputs  # type: ignore[return-value]  # every row belongs to one group
@@ -396,7 +479,8 @@ class MatchingReward:
         plans: list[_Plan],
         candidates: torch.Tensor,
         conf: float,
-        masks: _MaskSource | None = None,
+        masks: _MaskSource | _SegmenterMasks | None = None,
+        num_classes: torch.Tensor | None = None,
     ) -> list[RewardOutput]:
         sources = None  # multi-label rows -> the detector's candidate each came from
         if self.multi_label:
@@ -415,6 +499,7 @@ class MatchingReward:
             self.iou_threshold,
             self.max_detections,
             containment_threshold=self.containment_threshold,
+            num_classes=num_classes,
             backend=self.kernels_backend,
         )
         object_mask = torch.zeros_like(class_ids, dtype=torch.bool)
@@ -444,7 +529,7 @@ class MatchingReward:
             details = all_details[row]
             if self.variant == "geneval":
                 # GenEval judges the boxes as the details report them, grouped as the colour check groups them.
-                kept = _kept_by_class(match, row, self.vocabulary, self.max_per_class)
+                kept = _kept_by_class(match, row, plan.names, self.max_per_class)
                 boxes = [np.asarray(detection["box"]) for detection in details["detections"]]
                 by_class = {name: [boxes[p] for p in positions] for name, positions in kept.items()}
                 passed, details["reasons"] = geneval_check(plan.parsed, by_class, colors.get(row))
@@ -452,15 +537,13 @@ class MatchingReward:
                     details["objects"][index]["predicted_colors"] = predicted
                 if any(spec.color for spec in plan.parsed.objects):
                     details["colour_region"] = (
-                        "mask over grey #999, cropped to the box (GenEval's)"
-                        if masks is not None
-                        else "box crop (the detector gives no masks)"
+                        "box crop (the detector gives no masks)" if masks is None else masks.description
                     )
                 value = float(passed)
             elif layout is not None:
                 targets = [
                     {
-                        "class": self.vocabulary[class_id],
+                        "class": plan.names[class_id],
                         "box": box,
                         "best_iou": float(layout.best_iou[row, index]),
                         "matched": bool(layout.matched[row, index]),
@@ -478,7 +561,11 @@ class MatchingReward:
         return outputs
 
     def _colors(
-        self, samples: list[Sample], plans: list[_Plan], match: kernel_ops.BoxMatch, masks: _MaskSource | None
+        self,
+        samples: list[Sample],
+        plans: list[_Plan],
+        match: kernel_ops.BoxMatch,
+        masks: _MaskSource | _SegmenterMasks | None,
     ) -> dict[int, dict[int, list[str]]]:
         """row -> object index -> CLIP colour of each of the object's top-n boxes (GenEval checks colours only
         where the count is met), classified in one batch for the whole chunk. With masks, each object is its mask
@@ -489,7 +576,7 @@ class MatchingReward:
 
         crops, owners = [], []
         for row, (sample, plan) in enumerate(zip(samples, plans, strict=True)):
-            by_class = _kept_by_class(match, row, self.vocabulary, self.max_per_class)
+            by_class = _kept_by_class(match, row, plan.names, self.max_per_class)
             for index, spec in enumerate(plan.parsed.objects):
                 found = by_class.get(spec.class_name, [])[: spec.count]
                 if not (spec.color and len(found) >= spec.count):
@@ -531,7 +618,7 @@ class MatchingReward:
         kept = int(match.num_kept[row])
         boxes = match.keep_boxes[row, :kept].tolist()
         scores = match.keep_scores[row, :kept].tolist()
-        classes = [self.vocabulary[c] for c in match.keep_classes[row, :kept].tolist()]
+        classes = [plan.names[c] for c in match.keep_classes[row, :kept].tolist()]
         objects = [
             {
                 "class": spec.class_name,
@@ -546,16 +633,32 @@ class MatchingReward:
             }
             for slot, spec in enumerate(plan.parsed.objects)
         ]
+        detections = [
+            {"class": name, "score": round(score, 4), "box": [round(v, 1) for v in box]}
+            for name, score, box in zip(classes, scores, boxes, strict=True)
+        ]
+        queries = None
+        if self.open_vocabulary:  # one query per distinct noun: its text and what it found
+            queries = [
+                {
+                    "class": name,
+                    "query": self.detector.query_text(name),  # type: ignore[attr-defined]
+                    "detections": [
+                        {key: value for key, value in found.items() if key != "class"}
+                        for found in detections
+                        if found["class"] == name
+                    ],
+                }
+                for name in plan.names
+            ]
         return {
             "variant": self.variant,
             "category_confidence": float(category[row]),
             "quantity_confidence": float(quantity_mean[row]),
             "objects": objects,
             "unknown": list(plan.parsed.unknown),
-            "detections": [
-                {"class": name, "score": round(score, 4), "box": [round(v, 1) for v in box]}
-                for name, score, box in zip(classes, scores, boxes, strict=True)
-            ],
+            "detections": detections,
+            **({"queries": queries} if queries is not None else {}),
             "thresholds": {
                 "confidence": conf,
                 "iou": self.iou_threshold,
@@ -607,6 +710,8 @@ def _kept_by_class(
 class _MaskSource:
     """Instance masks of one detector pass, for the kept detections of a group of its images."""
 
+    description = "mask over grey #999, cropped to the box (GenEval's)"
+
     def __init__(self, detector: Any, detections: Any, rows: list[int]) -> None:
         self.detector, self.detections, self.rows = detector, detections, rows
         self.kept: torch.Tensor | None = None  # [rows, max_detections]: candidate index of each kept detection
@@ -615,6 +720,24 @@ class _MaskSource:
         assert self.kept is not None
         indices = self.kept[row, positions].tolist()
         return self.detector.instance_masks(self.detections, self.rows[row], indices, boxes)
+
+
+class _SegmenterMasks:
+    """Masks from a separate segmenter's regions (models/regions.py) for a group's kept detections: each box takes
+    its best-IoU region's mask (IoU >= 0.5), inside the box; a box no region matches takes the whole box."""
+
+    description = (
+        "segmenter mask (best IoU >= 0.5) over grey #999, cropped to the box; the whole box where none matches"
+    )
+
+    def __init__(self, regions: list[Any], sizes: list[tuple[int, int]]) -> None:
+        self.regions, self.sizes = regions, sizes
+        self.kept: torch.Tensor | None = None  # set by _score_group like _MaskSource's; not needed here
+
+    def of(self, row: int, positions: list[int], boxes: torch.Tensor) -> torch.Tensor:
+        from ..regions import masks_for_boxes
+
+        return masks_for_boxes(self.regions[row], boxes, self.sizes[row])[0]
 
 
 # The matching family: one builder (MatchingReward), one registration per variant. These declarations are the one
