@@ -20,7 +20,7 @@ from rewardscope.models.gradients import gradient_reward, reward_gradients
 from rewardscope.service.tools import folders
 from rewardscope.service.tools.cli import main
 from serving import running_server
-from tiny_zero_shot import save_tiny_grounding_dino, save_tiny_owlv2
+from tiny_zero_shot import SAVERS, save_tiny_owlv2
 
 from rewardscope import Scorer
 
@@ -122,15 +122,19 @@ def test_rewards_reports_an_open_vocabulary(owlv2_scorer):
     assert list(Scorer(["matching"]).describe()["matching"]["vocabulary"])[:2] == ["person", "bicycle"]
 
 
-def test_grounding_dino_scores_the_same_prompt(tmp_path, bus):
-    directory = save_tiny_grounding_dino(tmp_path / "tiny-grounding-dino")
-    scorer = Scorer(["matching"], config={"matching": {"detector": str(directory), **OPTIONS}})
+@pytest.mark.parametrize("kind", ["owlvit", "grounding-dino", "mm-grounding-dino"])
+def test_every_zero_shot_family_scores_the_same_prompt(kind, tmp_path, bus):
+    directory = SAVERS[kind](tmp_path / f"tiny-{kind}")
+    # conf 0: every box with a positive score counts, so each tiny random model has detections to score
+    scorer = Scorer(["matching"], config={"matching": {"detector": str(directory), "conf_threshold": 0.0}})
     (result,) = scorer.score([bus], [PROMPT])
     assert result.error is None, result.error
     details = result.details["matching"]
+    assert details["detector"]["version"].startswith(f"{kind}:")
     assert [query["class"] for query in details["queries"]] == ["peach", "candle"]
     counts = [o["detected"] for o in details["objects"]]
     means = [o["category_confidence"] for o in details["objects"]]
+    assert sum(counts) > 0
     assert result.rewards["matching"] == pytest.approx(seed_rule(counts, means, [3, 1]), abs=1e-6)
 
 
