@@ -463,9 +463,27 @@ class _PromptParser:
                     self.phrase.tokens.append(_Token(_Lexeme(_WORD, lexeme.value), token.words))
                 else:
                     self._close()
+            elif self._past_verb_after_noun(token):
+                # "two drums added rhythm": an -ed word after the phrase's noun is a verb, not a modifier (those
+                # come before the noun), so the noun phrase ends at the noun.
+                self._close()
             else:
                 self.phrase.tokens.append(token)
         self._close()
+
+    def _past_verb_after_noun(self, token: _Token) -> bool:
+        word = token.lexeme.value
+        return (
+            token.lexeme.kind == _WORD
+            and len(word) > 4
+            and word.endswith("ed")
+            and not word.endswith(("eed", "bed", "sled", "shed", "hundred"))
+            and any(
+                earlier.lexeme.kind == _VOCAB
+                or (earlier.lexeme.kind == _WORD and _looks_like_noun(earlier.lexeme.value))
+                for earlier in self.phrase.tokens
+            )
+        )
 
     def _quantity(self, lexeme: _Lexeme) -> None:
         if self.phrase.tokens:

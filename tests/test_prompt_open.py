@@ -362,3 +362,21 @@ def test_reads_geneval_metadata_with_classes_outside_the_vocabulary(open_vocabul
     assert summarize(parsed) == objects
     assert parsed.unknown == unknown
     assert list(parsed.exclude) == exclude
+
+
+@pytest.mark.parametrize(
+    ("prompt", "objects", "closed_unknown"),
+    [
+        # T2I-CompBench numeracy prompts whose verb is an -ed word the verb list does not hold
+        ("two drums added rhythm to the music", [("drum", 2)], ("drum", "rhythm", "music")),
+        ("two drums played music", [("drum", 2)], ("drum", "music")),
+        ("a dog tied to a post", [("dog", 1), ("post", 1)], ("post",)),
+        # -ed words before the noun stay modifiers; -bed compounds stay nouns
+        ("a painted red car", [("car", 1)], ()),
+        ("a flatbed truck", [("truck", 1)], ()),
+    ],
+)
+def test_an_ed_word_after_the_noun_ends_the_noun_phrase(prompt, objects, closed_unknown):
+    parsed = parse_prompt(prompt, open_vocabulary=True)
+    assert [(spec.class_name, spec.count) for spec in parsed.objects] == objects
+    assert parse_prompt(prompt).unknown == closed_unknown

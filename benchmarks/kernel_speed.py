@@ -4,7 +4,7 @@ On CUDA: the fused Triton box_match vs torchvision batched_nms + torch counting,
 ratio (both measured in this run, same inputs; kept detections compared). On CPU: the torch reference's
 ms/image, and a worked memory roofline of the Triton kernel for an H100 (the CPU cannot time it).
 
-Run: .venv/bin/python benchmarks/kernels.py [--cpu-batches 1 8] [--repeats 5]
+Run: .venv/bin/python benchmarks/kernel_speed.py [--cpu-batches 1 8] [--repeats 5]
 """
 
 from __future__ import annotations
