@@ -1,5 +1,6 @@
 """VQA reward (AGFSync's VQA score, questions as in TIFA): yes/no questions derived from the prompt's parsed
-objects, answered by a vision-language model; the reward is the mean probability of "yes"."""
+objects or written by a language model, answered by a vision-language model; the reward is the mean probability of
+each question's expected answer ("yes" for template questions)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from .hf import (
     yes_probability,
 )
 from .prompt import COCO_CLASSES, ObjectSpec, ParsedPrompt, from_geneval_metadata, parse_prompt
+from .questions import DEFAULT_PROMPT_VERSION, LlmQuestionWriter, WrittenQuestions, load_question_writer
 from .registry import RewardDeclaration, register_reward
 from .types import RewardOutput, Sample, Unscorable, score_planned
 
@@ -43,16 +45,29 @@ RELATION_PHRASES = {
 PAIR_NOUNS = {"skis": "pair of skis", "scissors": "pair of scissors"}
 MAX_GIVEN_QUESTIONS = 64
 MAX_QUESTION_CHARS = 500
-QUESTION_KINDS = ("existence", "count", "color", "relation", "prompt", "given")
+QUESTION_KINDS = ("existence", "count", "color", "relation", "prompt", "given", "written")
+QUESTION_SOURCES = ("template", "llm")
 
 
 @dataclass(frozen=True)
 class Question:
-    """One yes/no question: its text, what it checks (QUESTION_KINDS) and the class it asks about."""
+    """One yes/no question: its text, what it checks (QUESTION_KINDS), the class it asks about, the answer the
+    prompt implies ("no" only for LLM-written questions about what the prompt says is absent) and, for written
+    questions, the language model's TIFA element type (models/questions.py QUESTION_TYPES)."""
 
     text: str
     kind: str
     subject: str | None = None
+    expected: str = "yes"
+    element: str | None = None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one sample is asked, and where the questions came from (details added with questions="llm")."""
+
+    questions: list[Question]
+    source: dict[str, Any]
 
 
 @functools.cache
@@ -269,7 +284,15 @@ def load_answerer(spec: str, device: str, dtype: str) -> BlipQuestionAnswerer | 
 
 
 class VqaReward:
-    """Mean P(yes) over the prompt's yes/no questions, in [0, 1]; higher is better."""
+    """Mean over the prompt's yes/no questions of P(expected answer), in [0, 1]; higher is better.
+
+    questions="template": the prompt parser's questions (generate_questions), each expecting "yes", so the reward
+    is the mean P(yes). questions="llm": `question_model`, a causal LM, writes the questions and their expected
+    answers (models/questions.py, few-shot prompt `question_prompt`), cached per prompt. P(expected) is P(yes) for
+    "yes" and P(no) for "no": 1 - P(yes) under the yes_no normalisation, the full-vocabulary softmax read at the
+    "no" token under "vocab". A prompt the model writes no valid question for, or whose generation fails, is asked
+    the template questions and its details say why ("question_source": "template", "fallback": reason). Metadata
+    "questions" win over both (each expects "yes")."""
 
     name = "vqa"
 
@@ -282,34 +305,88 @@ class VqaReward:
         image_batch_size: int = 16,
         device: str | None = None,
         dtype: str = "auto",
+        questions: str = "template",
+        question_model: str | None = None,
+        question_prompt: str = DEFAULT_PROMPT_VERSION,
+        question_batch_size: int = 16,
+        question_max_new_tokens: int = 128,
+        max_questions: int = 8,
+        question_cache_size: int = 4096,
+        question_device: str | None = None,
+        question_dtype: str = "auto",
     ) -> None:
         if normalisation not in NORMALISATIONS:
             raise ValueError(f"normalisation must be one of {', '.join(NORMALISATIONS)}, got {normalisation!r}")
+        if questions not in QUESTION_SOURCES:
+            raise ValueError(f"questions must be one of {', '.join(QUESTION_SOURCES)}, got {questions!r}")
+        if questions == "llm" and not question_model:
+            raise ValueError(
+                "questions='llm' needs question_model: a causal language model (hub id or local directory) that "
+                "writes the questions"
+            )
+        if questions == "template" and question_model is not None:
+            raise ValueError("question_model is used only with questions='llm'")
         self.normalisation, self.unknown_nouns = normalisation, unknown_nouns
         self.batch_size, self.image_batch_size = max(1, batch_size), max(1, image_batch_size)
         self.answerer = load_answerer(str(model), str(choose_device(device)), dtype)
+        self.question_source = questions
         self.version = self.answerer.source.version
+        self.writer: LlmQuestionWriter | None = None
+        if questions == "llm":
+            writer_device = str(choose_device(question_device if question_device is not None else device))
+            self.writer = load_question_writer(
+                str(question_model),
+                writer_device,
+                question_dtype,
+                max(1, question_batch_size),
+                question_max_new_tokens,
+                max_questions,
+                question_cache_size,
+                question_prompt,
+            )
+            self.version = f"{self.version}+questions:{self.writer.version}"
 
     def describe(self) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "normalisation": self.normalisation,
+            "answer_readout": self.answerer.readout,
+            "unknown_nouns": self.unknown_nouns,
+            "batch_size": self.batch_size,
+            "image_batch_size": self.image_batch_size,
+            "device": str(self.answerer.device),
+            "questions": self.question_source,
+        }
+        models = {"answerer": self.answerer.source.describe()}
+        precision: str | dict[str, str] = PRECISION[self.answerer.dtype]
+        scale = f"mean over the prompt's yes/no questions of P(yes); {NORMALISATIONS[self.normalisation]}"
+        if self.writer is not None:
+            written = self.writer.describe()
+            models["question_model"] = written.pop("model")
+            params["question_writer"] = written
+            precision = {"answerer": PRECISION[self.answerer.dtype], "question_model": written["precision"]}
+            no = "P(no) = 1 - P(yes)" if self.normalisation == "yes_no" else "P(no), read at the 'no' token"
+            scale = (
+                "mean over the prompt's yes/no questions of P(expected answer): P(yes) where the answer is yes, "
+                f"{no} where it is no; {NORMALISATIONS[self.normalisation]}; questions written by the question "
+                "model, the template questions where it writes none"
+            )
         return {
             "name": self.name,
             "version": self.version,
-            "models": {"answerer": self.answerer.source.describe()},
-            "params": {
-                "normalisation": self.normalisation,
-                "answer_readout": self.answerer.readout,
-                "unknown_nouns": self.unknown_nouns,
-                "batch_size": self.batch_size,
-                "image_batch_size": self.image_batch_size,
-                "device": str(self.answerer.device),
-            },
-            "precision": PRECISION[self.answerer.dtype],
-            "scale": f"mean over the prompt's yes/no questions of P(yes); {NORMALISATIONS[self.normalisation]}",
+            "models": models,
+            "params": params,
+            "precision": precision,
+            "scale": scale,
         }
 
     def questions(self, sample: Sample) -> list[Question]:
         """Metadata {"questions": [...]} (e.g. TIFA's) replaces the generated questions; GenEval metadata
-        {"include": ...} replaces the parsed prompt; otherwise the prompt is parsed."""
+        {"include": ...} replaces the parsed prompt of template questions; otherwise the prompt is parsed, or with
+        questions="llm" the question model writes them (template questions where it writes none)."""
+        return self._plan(sample).questions
+
+    def _plan(self, sample: Sample, written: dict[str, WrittenQuestions] | None = None) -> _Plan:
+        """The sample's questions; `written`: the question model's results for this batch's prompts."""
         metadata = sample.metadata or {}
         if "questions" in metadata:
             given = metadata["questions"]
@@ -322,31 +399,82 @@ class VqaReward:
                     f"metadata 'questions' must be 1 to {MAX_GIVEN_QUESTIONS} non-empty strings of at most "
                     f"{MAX_QUESTION_CHARS} characters"
                 )
-            return [Question(q.strip(), "given") for q in dict.fromkeys(given)]
+            source = {"question_source": "given"} if self.writer is not None else {}
+            return _Plan([Question(q.strip(), "given") for q in dict.fromkeys(given)], source)
         if not sample.prompt.strip():
             raise Unscorable("empty_prompt", "the prompt is empty: there is nothing to ask about")
         parsed = from_geneval_metadata(metadata) if "include" in metadata else None
-        return generate_questions(sample.prompt, parsed, unknown_nouns=self.unknown_nouns)
+        if self.writer is None:
+            return _Plan(generate_questions(sample.prompt, parsed, unknown_nouns=self.unknown_nouns), {})
+        result = (written or {}).get(sample.prompt) or self.writer.generate([sample.prompt])[0]
+        source: dict[str, Any] = {
+            "question_source": "llm",
+            "question_model": self.writer.source.version,
+            "prompt_version": self.writer.prompt_version,
+            "dropped": len(result.dropped),
+            "dropped_reasons": result.dropped_reasons(),
+        }
+        if result.failure is None:
+            asked = [Question(q.text, "written", None, q.expected, q.element) for q in result.questions]
+            return _Plan(asked, source)
+        fallback = {**source, "question_source": "template", "fallback": result.failure}
+        return _Plan(generate_questions(sample.prompt, parsed, unknown_nouns=self.unknown_nouns), fallback)
+
+    def _write(self, samples: list[Sample]) -> dict[str, WrittenQuestions]:
+        """One question-model pass over the batch's distinct prompts that need written questions (no metadata
+        questions, a non-empty prompt): the writer batches and caches them."""
+        prompts = [
+            sample.prompt
+            for sample in samples
+            if isinstance(sample.prompt, str)
+            and sample.prompt.strip()
+            and (sample.metadata is None or (isinstance(sample.metadata, dict) and "questions" not in sample.metadata))
+        ]
+        prompts = list(dict.fromkeys(prompts))
+        assert self.writer is not None
+        return dict(zip(prompts, self.writer.generate(prompts), strict=True)) if prompts else {}
 
     def score(self, samples: list[Sample]) -> list[RewardOutput]:
+        written = self._write(samples) if self.writer is not None else None
         return score_planned(
-            samples, self.questions, self._answer, self.image_batch_size, lambda: {"model": self.version}
+            samples,
+            functools.partial(self._plan, written=written),
+            self._answer,
+            self.image_batch_size,
+            lambda: {"model": self.version},
         )
 
-    def _answer(self, samples: list[Sample], plans: list[list[Question]]) -> list[RewardOutput]:
-        image_index = [row for row, asked in enumerate(plans) for _ in asked]
-        texts = [question.text for asked in plans for question in asked]
+    def _answer(self, samples: list[Sample], plans: list[_Plan]) -> list[RewardOutput]:
+        image_index = [row for row, plan in enumerate(plans) for _ in plan.questions]
+        texts = [question.text for plan in plans for question in plan.questions]
         logits = self.answerer.logits([sample.image for sample in samples], image_index, texts, self.batch_size)
-        p_yes = yes_probability(logits, self.answerer.yes_id, self.answerer.no_id, self.normalisation).tolist()
+        yes_id, no_id = self.answerer.yes_id, self.answerer.no_id
+        p_yes_tensor = yes_probability(logits, yes_id, no_id, self.normalisation)
+        p_yes = p_yes_tensor.tolist()
+        p_no: list[float] = []
+        if self.writer is not None:
+            # Over the two answers P(no) is 1 - P(yes); over the whole vocabulary it is read at its own token.
+            if self.normalisation == "yes_no":
+                p_no = (1.0 - p_yes_tensor).tolist()
+            else:
+                p_no = yes_probability(logits, no_id, yes_id, self.normalisation).tolist()
         outputs, offset = [], 0
-        for asked in plans:
+        for plan in plans:
+            asked, span = plan.questions, slice(offset, offset + len(plan.questions))
+            offset += len(asked)
             listed = [
                 {"question": q.text, "kind": q.kind, "subject": q.subject, "p_yes": p}
-                for q, p in zip(asked, p_yes[offset : offset + len(asked)], strict=True)
+                for q, p in zip(asked, p_yes[span], strict=True)
             ]
-            offset += len(asked)
-            value = sum(entry["p_yes"] for entry in listed) / len(listed)
-            details = {"questions": listed, "normalisation": self.normalisation, "model": self.version}
+            details: dict[str, Any] = {"questions": listed, "normalisation": self.normalisation, "model": self.version}
+            if self.writer is None:
+                value = sum(entry["p_yes"] for entry in listed) / len(listed)
+            else:
+                for entry, question, no in zip(listed, asked, p_no[span], strict=True):
+                    entry["expected"], entry["element"] = question.expected, question.element
+                    entry["p_expected"] = entry["p_yes"] if question.expected == "yes" else no
+                value = sum(entry["p_expected"] for entry in listed) / len(listed)
+                details.update(plan.source)
             outputs.append(RewardOutput(value, details))
         return outputs
 
@@ -354,12 +482,16 @@ class VqaReward:
 @register_reward(
     RewardDeclaration(
         "vqa",
-        "a VQA model's P(yes) on yes/no questions about the prompt's objects, counts, colours and relations",
+        "a VQA model's P(yes) on yes/no questions about the prompt: its objects, counts, colours and relations "
+        "(template questions), or questions a language model writes with their expected answers",
         (0.0, 1.0),
-        "mean over the prompt's yes/no questions of P(yes)",
+        "mean over the prompt's yes/no questions of P(expected answer): P(yes), or P(no) (1 - P(yes) normalised "
+        "over yes/no) for a written question whose expected answer is no",
     )
 )
 def vqa(**config: Any) -> VqaReward:
     """VQA yes-probability; config: model, normalisation ("yes_no" | "vocab"), unknown_nouns, batch_size,
-    image_batch_size, device, dtype."""
+    image_batch_size, device, dtype, questions ("template" | "llm"), question_model (required for "llm"),
+    question_prompt, question_batch_size, question_max_new_tokens, max_questions, question_cache_size,
+    question_device, question_dtype."""
     return VqaReward(**config)

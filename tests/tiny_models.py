@@ -92,14 +92,15 @@ def word_tokenizer():
     )
 
 
-def save_tiny_causal_lm(directory: Path, hidden: int = 32, seed: int = 0) -> Path:
-    """GPT-2 with 2 layers over the word-level tokenizer."""
+def save_tiny_causal_lm(directory: Path, hidden: int = 32, seed: int = 0, positions: int = 128) -> Path:
+    """GPT-2 with 2 layers over the word-level tokenizer; `positions` tokens of context (the VQA question writer's
+    few-shot prompt needs 512)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tokenizer = word_tokenizer()
     config = GPT2Config(
         vocab_size=len(tokenizer),
-        n_positions=128,
+        n_positions=positions,
         n_embd=hidden,
         n_layer=2,
         n_head=2,
