@@ -24,8 +24,8 @@ from .types import RewardOutput, Sample, Unscorable, score_planned
 DEFAULT_VLM_JUDGE_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
 ASPECTS = ("style", "coherence", "aesthetics", "faithfulness")
 # 1-5, not 1-10: every rating must be one token, and "10" is two ("1", "0") in the digit-splitting tokenizers of
-# all three families (Qwen2, SmolLM2, Llama); 0-9 is the widest single-digit scale. Five anchored levels are also
-# what small judges rate consistently; the expected rating is continuous however coarse the scale.
+# all three families (Qwen2, SmolLM2, Llama); 0-9 is the widest single-digit scale (`scale` option). The expected
+# rating is continuous however coarse the scale.
 DEFAULT_SCALE = (1, 5)
 DEFAULT_PROMPT_VERSION = "v1"
 # The aspect prompts, by version: a released version never changes (results name it); new wording is a new version.
