@@ -9,10 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,7 +21,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from common import photos  # noqa: E402
+from common import ms_per_image, photos  # noqa: E402
 from rewardscope.models.caption import DEFAULT_CAPTIONER, CaptionReward  # noqa: E402
 from rewardscope.models.hf import ModelNotFoundError, resolve_model  # noqa: E402
 from rewardscope.models.types import Sample  # noqa: E402
@@ -65,23 +63,6 @@ def save_base_blip(directory: Path, task: str) -> Path:
     model_class(config).eval().save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
-
-
-def ms_per_image(reward, batch: list[Sample], batch_size: int, repeats: int) -> float:
-    """Median over `repeats` of the time to score `batch` in calls of batch_size samples, per image."""
-
-    def run() -> None:
-        for start in range(0, len(batch), batch_size):
-            outputs = reward.score(batch[start : start + batch_size])
-            assert all(output.value is not None for output in outputs), [o.error for o in outputs]
-
-    run()  # warm-up: lazy imports, allocator, the prompt-embedding cache
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times) / len(batch)
 
 
 def main() -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from common import photos  # noqa: E402
+from common import ms_per_image, photos  # noqa: E402
 from rewardscope.models.types import Sample  # noqa: E402
 from rewardscope.models.vlm_judge import VlmJudgeReward  # noqa: E402
 
@@ -141,24 +140,6 @@ def qwen2_vl_2b_reward(root: Path, batch_size: int) -> VlmJudgeReward:
     reward.judge.model = Qwen2VLForConditionalGeneration(config).eval()
     reward.judge.context_length = QWEN2_VL_2B_TEXT["max_position_embeddings"]
     return reward
-
-
-def ms_per_image(reward: VlmJudgeReward, batch: list[Sample], images_per_call: int, repeats: int) -> float:
-    """Median over `repeats` (after one warm-up) of the time to score `batch` in score() calls of images_per_call
-    images, per image."""
-
-    def run() -> None:
-        for start in range(0, len(batch), images_per_call):
-            outputs = reward.score(batch[start : start + images_per_call])
-            assert all(output.value is not None for output in outputs), [output.error for output in outputs]
-
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times) / len(batch)
 
 
 def main() -> None:

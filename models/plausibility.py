@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from rewardscope.kernels import ops as kernel_ops
 
 from .detection.detector import DetectorConfig
 from .detection.matching import load_detector
@@ -35,6 +34,7 @@ from .regions import (
     DetectorRegionLabeller,
     FastSamSegmenter,
     RegionLabeller,
+    kept_detections,
     union_area,
 )
 from .registry import RewardDeclaration, register_reward
@@ -239,15 +239,8 @@ class PlausibilityReward:
         """Per image: label -> summed box area in pixels (overlapping boxes of one label count twice)."""
         assert self.detector is not None
         candidates = self.detector([sample.image for sample in samples])
-        no_slots = torch.full((len(samples), 1), -1, dtype=torch.int64)
-        match = kernel_ops.box_match(
-            candidates,
-            no_slots,
-            torch.zeros_like(no_slots),
-            self.conf_threshold,
-            self.iou_threshold,
-            self.max_detections,
-            backend=self.kernels_backend,
+        match = kept_detections(
+            candidates, self.conf_threshold, self.iou_threshold, self.max_detections, self.kernels_backend
         )
         regions = []
         for row, sample in enumerate(samples):

@@ -87,6 +87,29 @@ def segmentation_network(path: str, config: DetectorConfig) -> OnnxDetector:
     return network
 
 
+def kept_detections(
+    candidates: torch.Tensor,
+    conf_threshold: float,
+    iou_threshold: float,
+    max_detections: int,
+    kernels_backend: str | None = None,
+    num_classes: torch.Tensor | None = None,
+) -> kernel_ops.BoxMatch:
+    """box_match with no prompt slots: the detections its confidence filter and class-aware NMS keep (keep_boxes,
+    keep_classes, keep_scores, num_kept), for code that labels regions rather than counting prompt objects."""
+    no_slots = torch.full((candidates.shape[0], 1), -1, dtype=torch.int64)
+    return kernel_ops.box_match(
+        candidates,
+        no_slots,
+        torch.zeros_like(no_slots),
+        conf_threshold,
+        iou_threshold,
+        max_detections,
+        num_classes=num_classes,
+        backend=kernels_backend,
+    )
+
+
 class FastSamSegmenter:
     """Class-agnostic instance masks from an ultralytics segmentation export read through OnnxDetector: FastSAM
     (a YOLOv8-seg with the one class "object") or any `-seg` model, its classes ignored.
@@ -128,16 +151,7 @@ class FastSamSegmenter:
         detections = self.network.detect(images)
         candidates = detections.candidates
         agnostic = torch.cat([candidates[..., :4], candidates[..., 4:].amax(-1, keepdim=True)], -1)  # [B, N, 5]
-        no_slots = torch.full((len(images), 1), -1, dtype=torch.int64)
-        match = kernel_ops.box_match(
-            agnostic,
-            no_slots,
-            torch.zeros_like(no_slots),
-            self.conf_threshold,
-            self.iou_threshold,
-            self.max_masks,
-            backend=self.kernels_backend,
-        )
+        match = kept_detections(agnostic, self.conf_threshold, self.iou_threshold, self.max_masks, self.kernels_backend)
         regions = []
         for row in range(len(images)):
             kept = int(match.num_kept[row])
@@ -340,7 +354,6 @@ class DetectorRegionLabeller:
     ) -> list[tuple[torch.Tensor, list[str], list[float]]]:
         """One detector pass -> per image its kept detections: boxes [D, 4], label names [D], scores [D]."""
         batch = len(images)
-        no_slots = torch.full((batch, 1), -1, dtype=torch.int64)
         if self.open_vocabulary:
             queries = [list(dict.fromkeys([*labels, *self.general_labels])) for labels in prompt_labels]
             if not any(queries):
@@ -350,15 +363,12 @@ class DetectorRegionLabeller:
             extra = {"num_classes": torch.as_tensor(num_queries, dtype=torch.int64).cpu()}
         else:
             candidates, names, extra = self.detector(images), [list(self.detector.class_names)] * batch, {}
-        candidates = candidates.detach().cpu()
-        match = kernel_ops.box_match(
-            candidates,
-            no_slots,
-            torch.zeros_like(no_slots),
+        match = kept_detections(
+            candidates.detach().cpu(),
             self.conf_threshold,
             self.iou_threshold,
             self.max_detections,
-            backend=self.kernels_backend,
+            self.kernels_backend,
             **extra,
         )
         kept = []
