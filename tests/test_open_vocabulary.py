@@ -241,3 +241,25 @@ def test_plausibility_refuses_box_regions_from_an_open_vocabulary_detector(owlv2
     language_model = save_tiny_causal_lm(tmp_path / "tiny-lm")
     with pytest.raises(ValueError, match="open-vocabulary detector has none"):
         create_reward("plausibility", language_model=str(language_model), detector=str(owlv2_dir), device="cpu")
+
+
+def test_detector_options_reach_the_zero_shot_detector(owlv2_dir, owlv2_scorer, tmp_path, bus):
+    # The OWL image side exported to ONNX and served through the reward's config: the same candidates as torch.
+    onnx = owlv2_scorer.rewards["matching"].detector.export_image_encoder(tmp_path / "owlv2-image.onnx")
+    options = {"onnx_image_encoder": str(onnx), "query_template": "a picture of a {}"}
+    scorer = Scorer(["matching"], config={"matching": {"detector": str(owlv2_dir), "detector_options": options}})
+    detector = scorer.rewards["matching"].detector
+    assert detector.describe()["image_runtime"] == "onnx" and detector.version.endswith("+onnx")
+    (result,) = scorer.score([bus], [PROMPT])
+    assert [q["query"] for q in result.details["matching"]["queries"]] == [
+        "a picture of a peach",
+        "a picture of a candle",
+    ]
+    torch_side = Scorer(
+        ["matching"],
+        config={"matching": {"detector": str(owlv2_dir), "detector_options": options | {"onnx_image_encoder": None}}},
+    )
+    (expected,) = torch_side.score([bus], [PROMPT])
+    assert result.rewards["matching"] == pytest.approx(expected.rewards["matching"], abs=1e-3)
+    with pytest.raises(ValueError, match="zero-shot detectors only"):
+        Scorer(["matching"], config={"matching": {"detector_options": {"query_template": "{}"}}})

@@ -162,16 +162,23 @@ def geneval_check(
 
 
 def load_detector(
-    detector: str | os.PathLike[str] | Detector | None, config: DetectorConfig, quantized: bool = False
+    detector: str | os.PathLike[str] | Detector | None,
+    config: DetectorConfig,
+    quantized: bool = False,
+    options: Mapping[str, Any] | None = None,
 ) -> Detector:
     """A reward's `detector` option -> a Detector: None or "embedded" (the embedded YOLOv3-tiny), an ONNX path,
     a transformers model (a directory, or a hub id in the local HF cache): zero-shot families (OWL-ViT, OWLv2,
     Grounding DINO) as an open-vocabulary ZeroShotDetector, closed-vocabulary ones as an HFDetector; or a Detector
     object, used as it is. ONNX sessions are shared per (model, runtime config) per process.
-    quantized: run the ONNX model's int8 twin (static quantization, built once and cached; a CPU speed option)."""
+    quantized: run the ONNX model's int8 twin (static quantization, built once and cached; a CPU speed option).
+    options: keyword arguments of a zero-shot detector (ZeroShotDetector: query_template, text_cache_size,
+    onnx_image_encoder); refused for the other backends."""
     if detector is not None and not isinstance(detector, (str, os.PathLike)):
         if not isinstance(detector, Detector):
             raise TypeError(f"detector must be a path, 'embedded' or a Detector, got {type(detector).__name__}")
+        if options:
+            raise ValueError("detector_options apply to a zero-shot model named by path, not to a Detector object")
         return detector
     name = str(detector) if detector is not None else None
     if name not in (None, "", EMBEDDED):
@@ -179,7 +186,9 @@ def load_detector(
         from .zero_shot import is_zero_shot_detector, load_zero_shot_detector
 
         if is_zero_shot_detector(name):  # OWL-ViT, OWLv2, Grounding DINO: text queries, an open vocabulary
-            return load_zero_shot_detector(name, config, quantized)
+            return load_zero_shot_detector(name, config, quantized, **dict(options or {}))
+    if options:
+        raise ValueError(f"detector_options ({', '.join(sorted(options))}) apply to zero-shot detectors only")
         if is_transformers_detector(name):  # a transformers model directory, or a hub id in the local HF cache
             return load_hf_detector(name, config, quantized)
     return _onnx_detector(None if name in (None, "", EMBEDDED) else name, config, quantized)
@@ -240,6 +249,7 @@ class MatchingReward:
         color_device: str | None = None,
         color_segmenter: str | None = None,
         color_mask_conf_threshold: float = 0.25,
+        detector_options: Mapping[str, Any] | None = None,
     ) -> None:
         variants = matching_variants()
         if variant not in variants:
@@ -265,7 +275,7 @@ class MatchingReward:
             allow_spinning=allow_spinning,
             batch_size=batch_size,
         )
-        self.detector = load_detector(detector, config, quantized)
+        self.detector = load_detector(detector, config, quantized, detector_options)
         # None: only the suppression the detector's own post-processing needs (YOLO: 0.45; set-prediction
         # detectors such as DETR or YOLOS: none, 1.0), as evaluators that add no NMS of their own see it.
         self.iou_threshold = (
