@@ -96,15 +96,16 @@ def test_rank_combines_the_judges(http, bus_path, zidane):
     assert ranked["chosen"] == best and ranked["rejected"] == 1 - best
 
 
-def test_the_folder_cli_scores_with_the_vlm_judge(config, tmp_path, bus_path, monkeypatch):
+def test_the_folder_cli_scores_with_both_judges(config, tmp_path, bus_path, monkeypatch):
     flat = tmp_path / "flat"
     flat.mkdir()
     shutil.copy(bus_path, flat / "a bus.jpg")
     monkeypatch.setenv("REWARDSCOPE_CONFIG", json.dumps(config))
     out = tmp_path / "out"
-    assert main(["score", str(flat), "--out", str(out), "--rewards", "vlm_judge", "--no-progress"]) == 0
+    assert main(["score", str(flat), "--out", str(out), "--rewards", *REWARDS, "--no-progress"]) == 0
     (row,) = folders.read_rows(out)
     assert row["error"] is None, row
+    assert row["details"]["vqa"]["question_source"] == "template" and "+questions:" in row["details"]["vqa"]["version"]
     details = row["details"]["vlm_judge"]
     assert 0.0 <= row["rewards"]["vlm_judge"] <= 1.0
     weights = {aspect: entry["weight"] for aspect, entry in details["aspects"].items()}
