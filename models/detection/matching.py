@@ -378,9 +378,7 @@ class MatchingReward:
         )
 
     def _parse(self, prompt: str) -> ParsedPrompt:
-        if self.open_vocabulary:
-            return parse_prompt(prompt, self.parse_vocabulary, open_vocabulary=True)
-        return parse_prompt(prompt, self.parse_vocabulary)
+        return parse_prompt(prompt, self.parse_vocabulary, open_vocabulary=self.open_vocabulary)
 
     def _names(self, slots: Any) -> tuple[str, ...]:
         """The class names an item's class ids index: the detector's vocabulary, or with an open vocabulary the
@@ -399,11 +397,7 @@ class MatchingReward:
             return self._layout_plan(sample)
         metadata = sample.metadata or {}
         if "include" in metadata:
-            parsed = (
-                from_geneval_metadata(metadata, self.parse_vocabulary, open_vocabulary=True)
-                if self.open_vocabulary
-                else from_geneval_metadata(metadata, self.parse_vocabulary)
-            )
+            parsed = from_geneval_metadata(metadata, self.parse_vocabulary, open_vocabulary=self.open_vocabulary)
             if self.variant == "geneval" and parsed.unknown:
                 # GenEval judges every include: one the detector cannot see makes the verdict unknowable.
                 raise Unscorable(
@@ -416,10 +410,8 @@ class MatchingReward:
             if self.variant == "geneval":
                 # GenEval's form: relation targets first, counting prompts exclude n + 1.
                 geneval_form = to_geneval_metadata(parsed, self.parse_vocabulary)
-                parsed = (
-                    from_geneval_metadata(geneval_form, self.parse_vocabulary, open_vocabulary=True)
-                    if self.open_vocabulary
-                    else from_geneval_metadata(geneval_form, self.parse_vocabulary)
+                parsed = from_geneval_metadata(
+                    geneval_form, self.parse_vocabulary, open_vocabulary=self.open_vocabulary
                 )
         if not parsed.objects:
             if self.open_vocabulary:
