@@ -181,17 +181,21 @@ def load_detector(
             raise ValueError("detector_options apply to a zero-shot model named by path, not to a Detector object")
         return detector
     name = str(detector) if detector is not None else None
-    if name not in (None, "", EMBEDDED):
-        from .hf_detector import is_transformers_detector, load_hf_detector
-        from .zero_shot import is_zero_shot_detector, load_zero_shot_detector
+    refused = ValueError(f"detector_options ({', '.join(sorted(options or {}))}) apply to zero-shot detectors only")
+    if name in (None, "", EMBEDDED):
+        if options:
+            raise refused
+        return _onnx_detector(None, config, quantized)
+    from .hf_detector import is_transformers_detector, load_hf_detector
+    from .zero_shot import is_zero_shot_detector, load_zero_shot_detector
 
-        if is_zero_shot_detector(name):  # OWL-ViT, OWLv2, Grounding DINO: text queries, an open vocabulary
-            return load_zero_shot_detector(name, config, quantized, **dict(options or {}))
+    if is_zero_shot_detector(name):  # OWL-ViT, OWLv2, Grounding DINO: text queries, an open vocabulary
+        return load_zero_shot_detector(name, config, quantized, **dict(options or {}))
     if options:
-        raise ValueError(f"detector_options ({', '.join(sorted(options))}) apply to zero-shot detectors only")
-        if is_transformers_detector(name):  # a transformers model directory, or a hub id in the local HF cache
-            return load_hf_detector(name, config, quantized)
-    return _onnx_detector(None if name in (None, "", EMBEDDED) else name, config, quantized)
+        raise refused
+    if is_transformers_detector(name):  # a transformers model directory, or a hub id in the local HF cache
+        return load_hf_detector(name, config, quantized)
+    return _onnx_detector(name, config, quantized)
 
 
 @functools.lru_cache(maxsize=8)
