@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torch
+from tiny_models import save_model
 
 # Enough words for the judge's prompts (all versions) and the test prompts to tokenize into known ids.
 BASE_WORDS = """
@@ -68,15 +68,6 @@ def chat_tokenizer(special_tokens: list[str], style: str, pad_token: str, eos_to
         eos_token=eos_token,
         extra_special_tokens=[token for token in special_tokens if token not in (pad_token, eos_token)],
     )
-
-
-def _save(directory: Path, model_class, config, processor, seed: int) -> Path:
-    torch.manual_seed(seed)
-    model = model_class(config).eval()
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
 
 
 def _llama_text(tokenizer, hidden: int, layers: int = 2) -> dict:
@@ -162,7 +153,7 @@ def _save_tiny_qwen(directory: Path, seed: int, hidden: int, version: str) -> Pa
         vision_start_token_id=token("<|vision_start|>"),
         vision_end_token_id=token("<|vision_end|>"),
     )
-    return _save(directory, Model, config, processor, seed)
+    return save_model(directory, Model, config, processor, seed)
 
 
 def save_tiny_qwen2_vl(directory: Path, seed: int = 0, hidden: int = 32) -> Path:
@@ -230,7 +221,7 @@ def save_tiny_idefics3(directory: Path, seed: int = 0, hidden: int = 32, image_s
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         pad_token_id=tokenizer.pad_token_id,
     )
-    return _save(directory, Idefics3ForConditionalGeneration, config, processor, seed)
+    return save_model(directory, Idefics3ForConditionalGeneration, config, processor, seed)
 
 
 # llava-hf/llava-1.5's template: "USER: <image>\n{text} ASSISTANT:".
@@ -278,7 +269,7 @@ def save_tiny_llava(directory: Path, seed: int = 0, hidden: int = 32, digits: bo
         vision_feature_layer=-1,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return _save(directory, LlavaForConditionalGeneration, config, processor, seed)
+    return save_model(directory, LlavaForConditionalGeneration, config, processor, seed)
 
 
 FAMILIES = {
