@@ -71,6 +71,23 @@ def class_names_from_labels(id2label: Mapping[Any, str], num_classes: int) -> tu
     return tuple(names), tuple(placeholders)
 
 
+def processor_size(image_processor: Any) -> dict[str, int]:
+    """The image processor's `size` as a plain dict of its set fields: a dict, or transformers' SizeDict (a dataclass
+    whose fields are None where unset)."""
+    size = getattr(image_processor, "size", None) or {}
+    fields = dict(size) if isinstance(size, Mapping) else dict(vars(size))
+    return {key: int(value) for key, value in fields.items() if value is not None}
+
+
+def stated_input_size(image_processor: Any) -> Any:
+    """The processor's target size as it states it: [height, width] for fixed-size models (RT-DETR, OWL), else its
+    size dict (DETR/YOLOS/Grounding DINO: {"shortest_edge": ..., "longest_edge": ...}); None when it has none."""
+    fields = processor_size(image_processor)
+    if set(fields) == {"height", "width"}:
+        return [fields["height"], fields["width"]]
+    return fields or None
+
+
 def is_transformers_detector(spec: str | os.PathLike[str]) -> bool:
     """Whether a `detector` option names a transformers model: a directory holding config.json, or a hub id whose
     config.json is in the local Hugging Face cache (never the network). ONNX files and anything else: False."""
@@ -153,17 +170,8 @@ class HFDetector:
         return None
 
     def input_size(self) -> Any:
-        """The processor's target size as it states it: [height, width] for fixed-size models (RT-DETR), else its
-        size dict (DETR/YOLOS: {"shortest_edge": ..., "longest_edge": ...}); None when it has none."""
-        size = getattr(self.processor, "size", None)
-        if size is None:
-            return None
-        # a dict, or transformers' SizeDict (a dataclass whose fields are None where unset)
-        fields = dict(size) if isinstance(size, Mapping) else dict(vars(size))
-        fields = {key: int(value) for key, value in fields.items() if value is not None}
-        if set(fields) == {"height", "width"}:
-            return [fields["height"], fields["width"]]
-        return fields or None
+        """The processor's target size as it states it (stated_input_size)."""
+        return stated_input_size(self.processor)
 
     def describe(self) -> dict[str, object]:
         return {

@@ -58,7 +58,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,7 +68,7 @@ from PIL import Image
 
 from ..hf import ModelSource, load_pretrained, resolve_model
 from .detector import DetectorConfig
-from .hf_detector import GPU_PROVIDERS
+from .hf_detector import GPU_PROVIDERS, processor_size, stated_input_size
 
 log = logging.getLogger(__name__)
 
@@ -279,13 +279,6 @@ def image_boxes(pred_boxes: torch.Tensor, sizes: torch.Tensor, padded_square: bo
     return (center_to_corners_format(pred_boxes) * scale).clamp(min=0).minimum(limits)
 
 
-def processor_size(image_processor: Any) -> dict[str, int]:
-    """The image processor's `size` as a plain dict of its set fields (a dict, or transformers' SizeDict)."""
-    size = getattr(image_processor, "size", None) or {}
-    fields = dict(size) if isinstance(size, Mapping) else dict(vars(size))
-    return {key: int(value) for key, value in fields.items() if value is not None}
-
-
 class ZeroShotDetector:
     """An open-vocabulary transformers detector: detect_queries(RGB PIL images, each image's query names) ->
     (candidates [B, N, 4 + Q], num_queries [B]); detect_pixels the same from float pixels, differentiably. See the
@@ -356,10 +349,7 @@ class ZeroShotDetector:
 
     def input_size(self) -> Any:
         """OWL: [height, width], the fixed input; Grounding DINO: {"shortest_edge": ..., "longest_edge": ...}."""
-        fields = processor_size(self.image_processor)
-        if set(fields) == {"height", "width"}:
-            return [fields["height"], fields["width"]]
-        return fields or None
+        return stated_input_size(self.image_processor)
 
     def query_text(self, name: str) -> str:
         """The text the model is given for one query name: the template applied ("a photo of a peach"); for
